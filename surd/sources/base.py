@@ -1,0 +1,71 @@
+"""Source contracts. A source turns something outside (a folder, a file, an API) into SURD rows.
+
+Two kinds, both run by `pipelines.collect`:
+
+- `PartitionedSource`: knows its whole input up front (a folder, a Parquet file, DiffusionDB parts).
+  `list_partitions()` is called once; the executor persists the list (`_listing.json`) so a rerun
+  sees the same partitions even if files were added. Each partition becomes one shard
+  `collect/<source name>/part-NNNNN.parquet`, so partitions run in parallel and resume by marker.
+- `CursorSource`: pages through an API. `pages(cursor)` yields `Page`s; the executor writes each
+  page's rows as one shard, then persists `next_cursor`, so a restart continues after the last page.
+
+Rows are dicts keyed by SURD column names; a row that cannot be used is a `surd.rows.Drop` with a
+reason (the executor records it in `dropped/`). Ids must be stable across runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from surd.rows import Drop
+
+Row = dict[str, Any]
+
+
+@runtime_checkable
+class PartitionedSource(Protocol):
+    name: str
+
+    def list_partitions(self) -> list[Any]:
+        """JSON-serialisable partition descriptors, in a stable order."""
+        ...
+
+    def read_partition(self, partition: Any) -> Iterator[Row | Drop]: ...
+
+
+@dataclass
+class Page:
+    rows: list[Row | Drop]
+    next_cursor: str | None  # None: this was the last page
+    raw: bytes | None = None  # the page as received, kept gzipped beside the shard
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class CursorSource(Protocol):
+    name: str
+
+    def pages(self, cursor: str | None) -> Iterator[Page]:
+        """Pages starting at `cursor` (None: the beginning)."""
+        ...
+
+
+class SourceConfig(BaseModel):
+    """Base for one `collect:` entry. Subclasses add `type: Literal[...]` and their options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    name: str | None = Field(None, description="subfolder under collect/; defaults to the type")
+    rows_per_shard: int = Field(500, ge=1)
+
+    @property
+    def folder(self) -> str:
+        return self.name or self.type
+
+    def build(self) -> PartitionedSource | CursorSource:
+        raise NotImplementedError
