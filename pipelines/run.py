@@ -1,0 +1,39 @@
+"""Run a whole recipe with the local executor: collect -> processing stages -> export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipelines.collect import collect
+from pipelines.export import export
+from pipelines.local import run_stage
+from pipelines.recipe import Recipe
+from pipelines.stages import ORDER
+from surd.errors import RecipeError
+
+
+def check_until(until: str | None) -> None:
+    if until is not None and until not in ORDER:
+        raise RecipeError(f"--until {until!r}: not a stage; stages are {', '.join(ORDER)}")
+
+
+def run_recipe(
+    recipe: Recipe, out: Path, *, workers: int = 1, until: str | None = None, reviews: Any = None,
+    progress: bool = True,
+) -> list[str]:
+    """Run the recipe's stages into `out`; returns the names of the stages that ran."""
+    check_until(until)
+    last = ORDER.index(until) if until else len(ORDER)
+    for source in recipe.sources():
+        collect(out, source, workers=workers, progress=progress)
+    ran = ["collect"]
+    for name, config in recipe.stages():
+        if ORDER.index(name) > last:
+            return ran
+        run_stage(out, name, config, workers=workers, progress=progress)
+        ran.append(name)
+    if ORDER.index("export") <= last:
+        export(out, recipe.export, reviews=reviews, recipe_name=recipe.name)
+        ran.append("export")
+    return ran

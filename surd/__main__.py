@@ -1,0 +1,3 @@
+from surd.cli import main
+
+main()

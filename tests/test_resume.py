@@ -1,0 +1,128 @@
+"""Kill `surd run` with SIGKILL at several points, rerun, and get exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from surd import shards
+from surd.demo import make_bench_images, make_demo_data
+
+STAGES = ("collect", "clean", "dedup", "export")
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    images = root / "images"
+    make_demo_data(images / "demo")
+    make_bench_images(images / "bench", 240, seed=1)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"name: resume\ncollect:\n  - type: folder\n    path: {images}\n    rows_per_shard: 6\n"
+        "clean: {}\ndedup: {}\nexport:\n  test_fraction: 0.25\n  shard_size_mb: 0.05\n"
+    )
+    return recipe
+
+
+def _start(recipe: Path, out: Path, workers: int = 1) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "surd", "run", str(recipe), "--out", str(out), "-q", "--workers", str(workers)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+
+
+def _markers(out: Path, stage: str) -> int:
+    done = out / stage / "_done"
+    return sum(1 for p in done.rglob("*") if p.is_file()) if done.is_dir() else 0
+
+
+def _export_in_flight(out: Path) -> bool:
+    return any(p.name.startswith(".surd.") for p in out.iterdir()) if out.is_dir() else False
+
+
+def _kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 240) -> bool:
+    """SIGKILL the run as soon as `condition` holds; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("run neither finished nor reached the kill point")
+
+
+def _snapshot(out: Path) -> dict[str, object]:
+    """Everything a resumed run must reproduce: final rows, and every stage's kept/dropped ids."""
+    final = []
+    for path in sorted((out / "surd" / "data").glob("*.parquet")):
+        final += pq.read_table(path).drop_columns(["image"]).to_pylist()
+    snap: dict[str, object] = {"final": sorted(final, key=lambda r: r["id"])}
+    for stage in STAGES[:-1]:
+        kept = shards.read_stage_table(out / stage, columns=["id"]).column("id").to_pylist()
+        dropped = [r for b in shards.read_dropped(out / stage, columns=["id", "drop_reason"]) for r in b.to_pylist()]
+        assert len(kept) == len(set(kept)), f"duplicate kept ids in {stage}"
+        snap[stage] = (sorted(kept), sorted((r["id"], r["drop_reason"]) for r in dropped))
+    return snap
+
+
+@pytest.fixture(scope="module")
+def reference(workload: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    out = tmp_path_factory.mktemp("reference") / "out"
+    proc = _start(workload, out)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    return _snapshot(out)
+
+
+def test_sigkill_at_each_stage_then_resume(workload: Path, reference: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    kill_points = [
+        ("collect", lambda: _markers(out, "collect") >= 5),
+        ("clean", lambda: _markers(out, "clean") >= 7),
+        ("dedup", lambda: _markers(out, "dedup") >= 3),
+        ("export", lambda: _export_in_flight(out)),
+    ]
+    killed = []
+    for name, condition in kill_points:
+        if _kill_when(_start(workload, out), condition):
+            killed.append(name)
+    assert len(killed) >= 3, f"only killed during {killed}: the workload is too small to test resumption"
+    proc = _start(workload, out)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert _snapshot(out) == reference
+    assert not list(out.rglob(".*.tmp")), "temp files left behind"
+
+
+@pytest.mark.parametrize("delays", [(0.8, 1.6, 2.4), (1.1, 2.9)])
+def test_sigkill_at_arbitrary_moments_with_two_workers(
+    workload: Path, reference: dict, tmp_path: Path, delays: tuple[float, ...]
+) -> None:
+    out = tmp_path / "out"
+    for delay in delays:
+        start = time.monotonic()
+        _kill_when(_start(workload, out, workers=2), lambda s=start, d=delay: time.monotonic() - s > d)
+    proc = _start(workload, out, workers=2)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert _snapshot(out) == reference
+
+
+def test_copy_of_a_killed_run_resumes_elsewhere(workload: Path, reference: dict, tmp_path: Path) -> None:
+    # The run folder is self-contained: moving it between machines mid-run is fine.
+    out = tmp_path / "a"
+    _kill_when(_start(workload, out), lambda: _markers(out, "clean") >= 2)
+    moved = tmp_path / "b"
+    shutil.copytree(out, moved)
+    proc = _start(workload, moved)
+    assert proc.wait(timeout=600) == 0
+    assert _snapshot(moved) == reference
