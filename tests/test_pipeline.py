@@ -80,8 +80,9 @@ def test_every_drop_reason_shows_up_and_rows_add_up(finished_run: Path) -> None:
     assert len({r["sha256"] for r in final}) == len(final)
 
 
-def test_export_loads_with_datasets_and_decodes_images(finished_run: Path) -> None:
-    ds = datasets.load_dataset(str(finished_run / "surd"))
+def test_export_loads_with_datasets_and_decodes_images(finished_run: Path, tmp_path: Path) -> None:
+    # A fresh cache: `datasets` caches a local folder by its path, and pytest reuses temp paths across sessions.
+    ds = datasets.load_dataset(str(finished_run / "surd"), cache_dir=str(tmp_path / "hf"))
     assert set(ds) == {"train", "test"}
     total = sum(len(ds[s]) for s in ds)
     assert total == len(_final_rows(finished_run))
@@ -90,7 +91,9 @@ def test_export_loads_with_datasets_and_decodes_images(finished_run: Path) -> No
     assert row["image"].size == (row["width"], row["height"])
     assert ds["train"].features["phash"].dtype == "uint64"
     assert all(s == "train" for s in ds["train"]["split"])
-    parquet_ds = datasets.load_dataset("parquet", data_dir=str(finished_run / "surd" / "data"))
+    parquet_ds = datasets.load_dataset(
+        "parquet", data_dir=str(finished_run / "surd" / "data"), cache_dir=str(tmp_path / "hf2")
+    )
     assert isinstance(parquet_ds["train"][0]["image"], Image.Image)
     card = (finished_run / "surd" / "README.md").read_text()
     assert card.startswith("---\nconfigs:")

@@ -1,0 +1,308 @@
+"""The clean and dedup stages: prompt normalisation, prompt/image filters, exact and perceptual de-duplication.
+
+Prompt cleaning turns AUTOMATIC1111 / ComfyUI prompt syntax into plain keyword text:
+
+- attention: `(word:1.2)`, `((word))`, `[word]` -> `word`; escaped `\\(` `\\)` `\\[` `\\]` stay literal brackets;
+- prompt editing `[from:to:when]` / `[to:when]` / `[from::when]` keeps the text active at the *last* sampling
+  step (`to`, `to`, nothing): that is what the finished image shows the most of;
+- alternation `[a|b]` keeps the first alternative;
+- extra networks `<lora:name:0.7>`, `<hypernet:...>`, `<lyco:...>` (any `<word:...>`) and ComfyUI
+  `embedding:name` are removed, `BREAK` becomes a comma, configured embedding names are removed;
+- newlines become commas, duplicate commas and whitespace collapse, leading/trailing separators go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+from pydantic import Field, model_validator
+
+from surd.errors import StageError
+from surd.phash import NearIndex, phash
+from surd.rows import Drop, RowProcessor, StageConfig
+
+DEFAULT_EMBEDDINGS = [
+    "easynegative",
+    "badhandv4",
+    "bad-hands-5",
+    "bad_prompt",
+    "bad_prompt_version2",
+    "bad-artist",
+    "bad-artist-anime",
+    "ng_deepnegative_v1_75t",
+    "negative_hand-neg",
+    "verybadimagenegative_v1.3",
+    "fastnegativev2",
+    "unaestheticxl",
+]
+
+_EXTRA_NETWORK = re.compile(r"<\s*\w+\s*:[^<>]*>")
+_COMFY_EMBEDDING = re.compile(r"\bembedding:[\w.\-]+", re.IGNORECASE)
+_BREAK = re.compile(r"\bBREAK\b")
+_NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*")
+_ESCAPABLE = "()[]\\"
+_CLOSER = {"(": ")", "[": "]"}
+
+
+def _join(chunks: list[str], seps: list[str]) -> str:
+    out = chunks[0]
+    for sep, chunk in zip(seps, chunks[1:], strict=True):
+        out += sep + chunk
+    return out
+
+
+def _resolve(opener: str | None, chunks: list[str], seps: list[str]) -> str:
+    """The plain text of one bracket group, given its parts split at top-level ':' and '|'."""
+    numeric_tail = len(chunks) >= 2 and seps[-1] == ":" and _NUMBER.fullmatch(chunks[-1]) is not None
+    if opener == "(":
+        return _join(chunks[:-1], seps[:-1]) if numeric_tail else _join(chunks, seps)
+    if opener == "[":
+        if "|" in seps:
+            return chunks[0]  # alternation: keep the first alternative
+        if numeric_tail and len(chunks) == 3:
+            return chunks[1]  # [from:to:when] -> to
+        if numeric_tail and len(chunks) == 2:
+            return chunks[0]  # [to:when] -> to
+    return _join(chunks, seps)
+
+
+def _parse(text: str, i: int, opener: str | None) -> tuple[str, int]:
+    """Parse from `i` until the closer of `opener` (or the end); returns (plain text, next index)."""
+    closer = _CLOSER.get(opener or "")
+    chunks, seps = [""], []
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n and text[i + 1] in _ESCAPABLE:
+            chunks[-1] += text[i + 1]
+            i += 2
+        elif c in _CLOSER:
+            inner, i = _parse(text, i + 1, c)
+            chunks[-1] += inner
+        elif c == closer:
+            return _resolve(opener, chunks, seps), i + 1
+        elif c in ")]":
+            i += 1  # a stray closer: A1111 ignores it, so do we
+        elif opener is not None and c in ":|":
+            seps.append(c)
+            chunks.append("")
+            i += 1
+        else:
+            chunks[-1] += c
+            i += 1
+    return _resolve(opener, chunks, seps), n  # an unclosed group ends with the text
+
+
+def strip_attention(text: str) -> str:
+    """Remove A1111 attention / prompt-editing / alternation syntax (see module doc)."""
+    return _parse(text, 0, None)[0]
+
+
+def tidy_separators(text: str) -> str:
+    text = re.sub(r"\s*[\r\n]+\s*", ", ", text)
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s*,[\s,]*", ", ", text)
+    return text.strip(" ,;|")
+
+
+def embeddings_pattern(names: list[str]) -> re.Pattern[str] | None:
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"(?<![\w\-.])(?:{alternatives})(?![\w\-])", re.IGNORECASE)
+
+
+def clean_prompt(text: str | None, embeddings: re.Pattern[str] | None = None) -> str:
+    """Plain keyword text from an A1111/ComfyUI prompt (see module doc)."""
+    if not text:
+        return ""
+    text = _EXTRA_NETWORK.sub(",", text)
+    text = _COMFY_EMBEDDING.sub(",", text)
+    text = strip_attention(text)
+    text = _BREAK.sub(",", text)
+    if embeddings is not None:
+        text = embeddings.sub(",", text)
+    return tidy_separators(text)
+
+
+class CleanConfig(StageConfig):
+    """Recipe section `clean:`."""
+
+    min_chars: int = Field(10, ge=0, description="drop cleaned prompts shorter than this (prompt_too_short)")
+    max_chars: int = Field(1000, ge=1, description="drop cleaned prompts longer than this (prompt_too_long)")
+    min_words: int | None = Field(None, ge=0, description="optional word minimum (prompt_too_short)")
+    max_words: int | None = Field(None, ge=1, description="optional word maximum (prompt_too_long)")
+    min_side: int = Field(64, ge=1, description="drop images whose shorter side is below this (image_too_small)")
+    max_pixels: int = Field(89_478_485, ge=1, description="drop images with more pixels than this (decompression_bomb)")
+    embeddings: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EMBEDDINGS), description="textual-inversion names removed from prompts"
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CleanConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars})")
+        if self.min_words is not None and self.max_words is not None and self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) is above max_words ({self.max_words})")
+        return self
+
+    def build(self) -> Cleaner:
+        return Cleaner(self)
+
+
+class Cleaner(RowProcessor):
+    """Cleans prompts, checks and measures the image, fills width/height/format/sha256/phash."""
+
+    def __init__(self, config: CleanConfig) -> None:
+        self.config = config
+        self.embeddings = embeddings_pattern(config.embeddings)
+
+    def process_row(self, row: dict[str, Any]) -> dict[str, Any] | Drop:
+        out = dict(row)
+        raw = row.get("keyword_prompt_raw")
+        if raw is None:
+            raw = row.get("keyword_prompt")
+            out["keyword_prompt_raw"] = raw
+        prompt = clean_prompt(raw, self.embeddings)
+        out["keyword_prompt"] = prompt
+        out["negative_prompt"] = clean_prompt(row.get("negative_prompt"), self.embeddings) or None
+        problem = self._check_prompt(prompt)
+        if problem is not None:
+            return Drop(*problem, row=out)
+        image = row.get("image") or {}
+        data = image.get("bytes")
+        if not data:
+            return Drop("no_image", f"no image bytes (path={image.get('path')!r})", row=out)
+        problem = self._measure(data, out)
+        if problem is not None:
+            return Drop(*problem, row=out)
+        return out
+
+    def _check_prompt(self, prompt: str) -> tuple[str, str] | None:
+        c = self.config
+        if not prompt:
+            return "empty_prompt", ""
+        words = len(prompt.split())
+        if len(prompt) < c.min_chars:
+            return "prompt_too_short", f"{len(prompt)} chars < min_chars {c.min_chars}"
+        if c.min_words is not None and words < c.min_words:
+            return "prompt_too_short", f"{words} words < min_words {c.min_words}"
+        if len(prompt) > c.max_chars:
+            return "prompt_too_long", f"{len(prompt)} chars > max_chars {c.max_chars}"
+        if c.max_words is not None and words > c.max_words:
+            return "prompt_too_long", f"{words} words > max_words {c.max_words}"
+        return None
+
+    def _measure(self, data: bytes, out: dict[str, Any]) -> tuple[str, str] | None:
+        """Decode fully and fill the image columns of `out`; returns a drop (reason, detail) or None."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+                with Image.open(io.BytesIO(data)) as img:
+                    width, height = img.size
+                    if width * height > self.config.max_pixels:
+                        return "decompression_bomb", f"{width}x{height} > max_pixels {self.config.max_pixels}"
+                    img.load()
+                    fmt = img.format
+                    hash_value = phash(img)
+        except Image.DecompressionBombError as e:
+            return "decompression_bomb", str(e)
+        except Exception as e:  # Pillow raises many types for corrupt data; all mean "cannot decode"
+            return "undecodable_image", f"{type(e).__name__}: {e}"
+        out.update(
+            width=width,
+            height=height,
+            image_format=fmt,
+            sha256=hashlib.sha256(data).hexdigest(),
+            phash=hash_value,
+        )
+        if min(width, height) < self.config.min_side:
+            return "image_too_small", f"{width}x{height} < min_side {self.config.min_side}"
+        return None
+
+
+class DedupConfig(StageConfig):
+    """Recipe section `dedup:`."""
+
+    phash_threshold: int = Field(
+        6, ge=0, le=32, description="max phash Hamming distance of a near-duplicate image; 0 disables"
+    )
+
+    def build(self) -> Deduplicator:
+        return Deduplicator(self)
+
+
+class Deduplicator:
+    """Drops exact and near-duplicate images, keeping the first row in `id` order.
+
+    `plan` sees the plan columns of every input row and decides; `process_batch` applies the decisions.
+    Rows without a sha256 (never cleaned) are kept; rows without a phash skip the near-duplicate test.
+    """
+
+    # source_id breaks ties between rows that share an id (e.g. identical files collected twice)
+    plan_columns = ("id", "source_id", "sha256", "phash", "keyword_prompt")
+
+    def __init__(self, config: DedupConfig) -> None:
+        self.config = config
+        self._drops: dict[tuple[str, str | None], tuple[str, str]] | None = None
+
+    def plan(self, index: pa.Table) -> None:
+        self._drops = plan_dedup(
+            index.column("id").to_pylist(),
+            index.column("source_id").to_pylist() if "source_id" in index.column_names else [None] * len(index),
+            index.column("sha256").to_pylist(),
+            index.column("phash").to_pylist(),
+            index.column("keyword_prompt").to_pylist(),
+            self.config.phash_threshold,
+        )
+
+    def process_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
+        if self._drops is None:
+            raise StageError("dedup: plan() must run over the whole input before process_batch()")
+        results: list[dict[str, Any] | Drop] = []
+        for row in rows:
+            decision = self._drops.get((row["id"], row.get("source_id")))
+            results.append(row if decision is None else Drop(*decision))
+        return results
+
+
+def plan_dedup(
+    ids: list[str],
+    source_ids: list[str | None],
+    sha256s: list[str | None],
+    phashes: list[int | None],
+    prompts: list[str | None],
+    threshold: int,
+) -> dict[tuple[str, str | None], tuple[str, str]]:
+    """Decide which rows are duplicates: {(id, source_id): (reason, id of the kept row)}."""
+    order = sorted(range(len(ids)), key=lambda i: (ids[i], source_ids[i] or ""))
+    kept_by_sha: dict[str, tuple[str, str | None]] = {}  # sha256 -> (kept id, its prompt)
+    near = NearIndex(threshold, expected_size=sum(v is not None for v in phashes)) if threshold > 0 else None
+    near_ids: list[str] = []  # NearIndex position -> kept id
+    drops: dict[tuple[str, str | None], tuple[str, str]] = {}
+    seen: set[tuple[str, str | None]] = set()
+    for i in order:
+        key, sha, value = (ids[i], source_ids[i]), sha256s[i], phashes[i]
+        if sha is None or key in seen:
+            continue  # rows that share (id, source_id) cannot be told apart: they share the first one's fate
+        seen.add(key)
+        if sha in kept_by_sha:
+            kept_id, kept_prompt = kept_by_sha[sha]
+            drops[key] = ("duplicate_pair" if prompts[i] == kept_prompt else "duplicate_image", kept_id)
+            continue
+        if near is not None and value is not None:
+            pos = near.first_within(value)
+            if pos is not None:
+                drops[key] = ("near_duplicate_image", near_ids[pos])
+                continue
+        kept_by_sha[sha] = (ids[i], prompts[i])
+        if near is not None and value is not None:
+            near.add(value)
+            near_ids.append(ids[i])
+    return drops
