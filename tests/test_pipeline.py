@@ -18,7 +18,7 @@ from pipelines.recipe import load_recipe
 from pipelines.run import run_recipe
 from pipelines.stages import stage_config
 from surd import shards
-from surd.demo import make_demo_data
+from surd.demo import EXPECTED_KEPT, PLANTED, make_demo_data
 from surd.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +74,11 @@ def test_every_drop_reason_shows_up_and_rows_add_up(finished_run: Path) -> None:
         assert stats["in"] == stats["kept"] + sum(stats["dropped"].values())
     dropped = list(shards.read_dropped(finished_run / "clean", columns=["drop_stage", "drop_reason"]))
     assert sum(b.num_rows for b in dropped) == sum(clean["dropped"].values())
+    # The demo plants each problem a known number of times; every one must be caught exactly.
+    every_drop = {**collect["dropped"], **clean["dropped"], **dedup["dropped"]}
+    assert every_drop == PLANTED
     final = _final_rows(finished_run)
-    assert len(final) == dedup["kept"]
+    assert len(final) == dedup["kept"] == EXPECTED_KEPT
     assert len({r["id"] for r in final}) == len(final)
     assert len({r["sha256"] for r in final}) == len(final)
 
