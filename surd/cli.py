@@ -267,7 +267,7 @@ for _stage, _help in {
 def _register_plugins() -> None:
     import importlib
 
-    for module in ("annotations.cli", "adapter.cli", "surd.cli_fetch"):
+    for module in ("annotations.cli", "adapter.cli", "adapter.eval_cli", "surd.cli_fetch"):
         try:
             importlib.import_module(module).register(app)
         except ModuleNotFoundError as e:

@@ -1,0 +1,279 @@
+"""Label Studio over its API (label-studio-sdk): push samples as tasks, pull annotations back, report status.
+
+A project is found by its title (created when missing) and always gets `interface.xml`. Each task carries
+the SURD `sample_id`, so pushing again never duplicates a sample. The corrected-narrative box is pre-filled
+through a prediction, so reviewers edit the current narrative instead of retyping it.
+The API key is only ever sent in the Authorization header: never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlparse
+
+import httpx
+import pyarrow as pa
+
+from annotations import reviews, selection
+from surd.errors import SurdError
+
+INTERFACE = Path(__file__).with_name("interface.xml")
+MODEL_VERSION = "surd-narrative"  # the prediction that pre-fills the corrected-narrative box
+STORAGE_TITLE = "surd review thumbnails"
+IMPORT_BATCH = 100
+PAGE_SIZE = 500  # tasks per page when listing a project
+ImageMode = Literal["auto", "local", "inline"]
+
+
+class LabelStudioError(SurdError):
+    """Label Studio cannot be reached, refuses the key, or rejects a request."""
+
+
+@contextlib.contextmanager
+def api_errors(url: str) -> Iterator[None]:
+    """Turn transport and API failures into one-line errors that name the server (never the key)."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        yield
+    except httpx.HTTPError as e:
+        raise LabelStudioError(f"cannot reach Label Studio at {url}: {type(e).__name__}: {e}") from None
+    except ApiError as e:
+        if e.status_code in (401, 403):
+            raise LabelStudioError(
+                f"Label Studio at {url} refused the API key (HTTP {e.status_code}); "
+                "set LABEL_STUDIO_API_KEY or pass --api-key with a valid token"
+            ) from None
+        raise LabelStudioError(f"Label Studio at {url} answered HTTP {e.status_code}: {str(e.body)[:300]}") from None
+
+
+class Session:
+    """An authenticated connection to one Label Studio server."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        from label_studio_sdk import LabelStudio
+
+        self.url = url.rstrip("/")
+        key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
+        if not key:
+            raise LabelStudioError("no Label Studio API key: set LABEL_STUDIO_API_KEY or pass --api-key")
+        self._key = key
+        self.client = LabelStudio(base_url=self.url, api_key=key, timeout=timeout)
+        with api_errors(self.url):
+            self.user = self.client.users.whoami()
+
+    def __repr__(self) -> str:  # no key in tracebacks or logs
+        return f"Session({self.url!r})"
+
+    def get(self, path: str) -> httpx.Response:
+        """A raw authenticated GET (for local-files probes the SDK has no call for)."""
+        headers = {"Authorization": f"Token {self._key}"}
+        with api_errors(self.url):
+            return httpx.get(f"{self.url}{path}", headers=headers, timeout=30)
+
+    def find_project(self, title: str) -> Any | None:
+        with api_errors(self.url):
+            for project in self.client.projects.list(title=title):
+                if project.title == title:
+                    return project
+        return None
+
+    def ensure_project(self, title: str) -> tuple[int, bool]:
+        """(project id, created) for the project titled `title`, with our interface set."""
+        config = INTERFACE.read_text()
+        project = self.find_project(title)
+        with api_errors(self.url):
+            if project is None:
+                created = self.client.projects.create(title=title, label_config=config, model_version=MODEL_VERSION,
+                                                      show_collab_predictions=True)  # fmt: skip
+                return created.id, True
+            if project.label_config != config:
+                self.client.projects.update(project.id, label_config=config)
+        return project.id, False
+
+    def project_id(self, title: str) -> int:
+        project = self.find_project(title)
+        if project is None:
+            raise LabelStudioError(f"no project titled {title!r} on {self.url} (push first; check --project)")
+        return project.id
+
+    def tasks(self, project_id: int, with_annotations: bool) -> list[Any]:
+        with api_errors(self.url):
+            fields = "all" if with_annotations else "task_only"
+            return list(self.client.tasks.list(project=project_id, fields=fields, page_size=PAGE_SIZE))
+
+    def annotator_names(self) -> dict[int, str]:
+        with api_errors(self.url):
+            return {u.id: u.email or u.username or str(u.id) for u in self.client.users.list()}
+
+
+@dataclass
+class PushResult:
+    project_id: int
+    created_project: bool
+    selected: int
+    imported: int
+    already_there: int
+    images: str
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_image_urls(session: Session, project_id: int, thumbs: dict[str, Path]) -> dict[str, str] | None:
+    """Serve thumbnails through a local-files storage; None when the server cannot see this filesystem."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    folder = next(iter(thumbs.values())).parent
+    local = session.client.import_storage.local
+    with api_errors(session.url):
+        if not any(Path(s.path or "") == folder for s in local.list(project=project_id)):
+            try:
+                # Not synced on purpose: syncing would turn every thumbnail into a task of its own.
+                local.create(project=project_id, path=str(folder), use_blob_urls=True, title=STORAGE_TITLE)
+            except ApiError as e:
+                if e.status_code == 400:  # the server cannot see this folder, or serves no local files
+                    return None
+                raise
+    # The URL is relative to the server's LOCAL_FILES_DOCUMENT_ROOT: find which ancestor that is.
+    probe = next(iter(thumbs.values()))
+    for root in probe.parents[1:]:
+        rel = probe.relative_to(root).as_posix()
+        response = session.get(f"/data/local-files/?d={quote(rel)}")
+        if response.status_code == 200 and response.content == probe.read_bytes():
+            return {i: f"/data/local-files/?d={quote(p.relative_to(root).as_posix())}" for i, p in thumbs.items()}
+    return None
+
+
+def _inline_image_urls(thumbs: dict[str, Path]) -> dict[str, str]:
+    return {i: "data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode() for i, p in thumbs.items()}
+
+
+def task_for(row: dict[str, Any], image_url: str) -> dict[str, Any]:
+    """One Label Studio task (data + the pre-filling prediction) for a SURD row."""
+    narrative = row.get("narrative_prompt") or ""
+    others = [c for c in (row.get("narrative_candidates") or []) if c and c != narrative]
+    task: dict[str, Any] = {
+        "data": {
+            "sample_id": row["id"],
+            "image": image_url,
+            "narrative_prompt": narrative,
+            "keyword_prompt": row.get("keyword_prompt") or "",
+            "other_candidates": ("Other candidates:\n" + "\n".join(f"- {c}" for c in others)) if others else "",
+        }
+    }
+    if narrative:
+        task["predictions"] = [
+            {
+                "model_version": MODEL_VERSION,
+                "result": [{"from_name": "corrected_narrative", "to_name": "image", "type": "textarea",
+                            "value": {"text": [narrative]}}],  # fmt: skip
+            }
+        ]
+    return task
+
+
+def push(
+    session: Session,
+    run_dir: Path,
+    project: str,
+    *,
+    limit: int | None = None,
+    where: str | None = None,
+    stratify_by: str | None = None,
+    seed: int = 0,
+    images: ImageMode = "auto",
+) -> PushResult:
+    """Select samples of the run's dataset and import the ones not yet in the project as tasks."""
+    if images not in ("auto", "local", "inline"):
+        raise SurdError(f"--images {images!r}: expected auto, local or inline")
+    ids = selection.select_ids(run_dir, limit=limit, where=where, stratify_by=stratify_by, seed=seed)
+    project_id, created = session.ensure_project(project)
+    existing = {t.data.get("sample_id") for t in session.tasks(project_id, with_annotations=False)}
+    new_ids = [i for i in ids if i not in existing]
+    mode = "inline" if images == "inline" else "local"
+    if new_ids:
+        order = {sample_id: n for n, sample_id in enumerate(new_ids)}
+        table = selection.read_parquet_folder(selection.dataset_folder(run_dir), ids=set(new_ids))
+        rows = sorted(table.to_pylist(), key=lambda r: order[r["id"]])
+        thumbs = selection.write_thumbnails(run_dir, rows)
+        urls = None
+        if images == "local" or (images == "auto" and _is_loopback(session.url)):
+            urls = _local_image_urls(session, project_id, thumbs)
+            if urls is None and images == "local":
+                raise LabelStudioError(
+                    f"--images local: Label Studio at {session.url} cannot serve {run_dir}/review/thumbs "
+                    "(enable LOCAL_FILES_SERVING_ENABLED with a LOCAL_FILES_DOCUMENT_ROOT above the run folder, "
+                    "or use --images inline)"
+                )
+        if urls is None:
+            mode, urls = "inline", _inline_image_urls(thumbs)
+        tasks = [task_for(row, urls[row["id"]]) for row in rows]
+        with api_errors(session.url):
+            for start in range(0, len(tasks), IMPORT_BATCH):
+                session.client.projects.import_tasks(project_id, request=tasks[start : start + IMPORT_BATCH])
+    return PushResult(project_id, created, len(ids), len(new_ids), len(ids) - len(new_ids), mode)
+
+
+def _parse_time(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc)
+    return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(dt.timezone.utc)
+
+
+def collect_votes(session: Session, project_id: int) -> tuple[list[reviews.Vote], int, int]:
+    """(each annotator's latest vote per sample, number of tasks, number of annotated tasks)."""
+    names = session.annotator_names()
+    tasks = session.tasks(project_id, with_annotations=True)
+    votes: list[tuple[int, reviews.Vote]] = []
+    annotated = 0
+    for task in tasks:
+        data = task.data or {}
+        sample_id = data.get("sample_id")
+        annotations = [a if isinstance(a, dict) else a.model_dump() for a in (task.annotations or [])]
+        live = [a for a in annotations if not a.get("was_cancelled")]
+        annotated += bool(live)
+        if not sample_id:
+            continue  # a task someone added by hand: not ours to interpret
+        for annotation in live:
+            who = annotation.get("completed_by")
+            who = who.get("id") if isinstance(who, dict) else who
+            vote = reviews.vote_from_result(
+                sample_id, names.get(who, str(who)), _parse_time(annotation.get("updated_at")),
+                annotation.get("result") or [], data.get("narrative_prompt"),
+            )  # fmt: skip
+            if vote is not None:
+                votes.append((int(annotation.get("id") or 0), vote))
+    return reviews.latest_votes(votes), len(tasks), annotated
+
+
+def pull(session: Session, run_dir: Path, project: str) -> tuple[Path, pa.Table]:
+    """Export the project's annotations into `<run>/reviews.parquet`."""
+    votes, _, _ = collect_votes(session, session.project_id(project))
+    table = reviews.resolve(votes)
+    path = Path(run_dir) / "reviews.parquet"
+    reviews.write_reviews(path, table)
+    return path, table
+
+
+def status(session: Session, project: str) -> dict[str, Any]:
+    """Tasks, annotated tasks, decisions and agreement, straight from the server."""
+    project_id = session.project_id(project)
+    votes, n_tasks, annotated = collect_votes(session, project_id)
+    return {"project": project, "project_id": project_id, "tasks": n_tasks, "annotated": annotated,
+            **reviews.summary(reviews.resolve(votes))}  # fmt: skip
