@@ -30,8 +30,8 @@ STAGE = "collect"
 
 
 def _config_key(config: SourceConfig) -> str:
-    # Options that change what rows a source yields; max_items only bounds a run, so it may change.
-    data = config.model_dump(mode="json", exclude={"max_items"})
+    # Options that change what rows a source yields; run options (limits, pacing) may change on resume.
+    data = config.model_dump(mode="json", exclude=set(config.RUN_OPTIONS))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

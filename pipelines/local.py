@@ -11,6 +11,7 @@ import multiprocessing
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,28 @@ def _run_in_worker(src: Path, out: Path, rel: str) -> dict[str, Any]:
     return process_shard(_WORKER_STAGE, src, out, rel)
 
 
-def run_stage(
-    run_dir: Path, name: str, config: Any, *, workers: int = 1, progress: bool = True
-) -> dict[str, Any]:
-    """Run one processing stage over the previous stage's shards; returns the stage's total stats."""
+@dataclass
+class OpenStage:
+    """A stage ready to run: its input and output folders and the input shards not done yet."""
+
+    name: str
+    stage: Stage
+    source: str
+    src: Path
+    out: Path
+    todo: list[str]
+
+    def rows_todo(self) -> int:
+        return sum(pq.read_metadata(shards.shard_path(self.src, rel)).num_rows for rel in self.todo)
+
+    def close(self) -> dict[str, Any]:
+        """Write the manifest (the stage is complete) and return its total stats."""
+        shards.write_manifest(self.out, self.name, extra={"input_stage": self.source})
+        return shards.stage_stats(self.out)
+
+
+def open_stage(run_dir: Path, name: str, config: Any) -> OpenStage:
+    """Check the input, clean up after a killed run, build the processor and plan; shared by every executor."""
     run_dir = Path(run_dir)
     source = input_stage(run_dir, name)
     src, out = run_dir / source, run_dir / name
@@ -118,15 +137,21 @@ def run_stage(
     todo = [rel for rel in names if not shards.is_done(out, rel)]
     if todo:
         (out / shards.MANIFEST).unlink(missing_ok=True)
-    total = sum(pq.read_metadata(shards.shard_path(src, rel)).num_rows for rel in todo)
-    with progress_bar(f"{name} ({source} -> {name})", total, enabled=progress) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            for rel in todo:
-                process_shard(stage, src, out, rel, on_rows=bar.advance)
+    return OpenStage(name, stage, source, src, out, todo)
+
+
+def run_stage(
+    run_dir: Path, name: str, config: Any, *, workers: int = 1, progress: bool = True
+) -> dict[str, Any]:
+    """Run one processing stage over the previous stage's shards; returns the stage's total stats."""
+    job = open_stage(run_dir, name, config)
+    with progress_bar(f"{name} ({job.source} -> {name})", job.rows_todo(), enabled=progress) as bar:
+        if workers <= 1 or len(job.todo) <= 1:
+            for rel in job.todo:
+                process_shard(job.stage, job.src, job.out, rel, on_rows=bar.advance)
         else:
-            _run_pool(stage, src, out, todo, workers, bar)
-    shards.write_manifest(out, name, extra={"input_stage": source})
-    return shards.stage_stats(out)
+            _run_pool(job.stage, job.src, job.out, job.todo, workers, bar)
+    return job.close()
 
 
 def _run_pool(stage: Stage, src: Path, out: Path, todo: list[str], workers: int, bar: Any) -> None:

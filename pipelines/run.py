@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,14 @@ def check_until(until: str | None) -> None:
 
 def run_recipe(
     recipe: Recipe, out: Path, *, workers: int = 1, until: str | None = None, reviews: Any = None,
-    progress: bool = True,
+    progress: bool = True, stage_runner: Callable[..., dict[str, Any]] | None = None,
 ) -> list[str]:
-    """Run the recipe's stages into `out`; returns the names of the stages that ran."""
+    """Run the recipe's stages into `out`; returns the names of the stages that ran.
+
+    `stage_runner(run_dir, name, config, progress=...)` runs one processing stage (default: the local
+    executor with `workers` processes); collect and export always run here.
+    """
+    runner = stage_runner or partial(run_stage, workers=workers)
     check_until(until)
     last = ORDER.index(until) if until else len(ORDER)
     for source in recipe.sources():
@@ -31,7 +38,7 @@ def run_recipe(
     for name, config in recipe.stages():
         if ORDER.index(name) > last:
             return ran
-        run_stage(out, name, config, workers=workers, progress=progress)
+        runner(out, name, config, progress=progress)
         ran.append(name)
     if ORDER.index("export") <= last:
         export(out, recipe.export, reviews=reviews, recipe_name=recipe.name)

@@ -74,7 +74,8 @@ def run(
     elif executor == "ray":
         from pipelines.ray import run_recipe_ray
 
-        ran = run_recipe_ray(spec, out, until=until, address=address, reviews=_reviews_for(out), progress=not quiet)
+        ran = run_recipe_ray(spec, out, until=until, address=address, reviews=_reviews_for(out),
+                             progress=not quiet, collect_workers=workers)
     else:
         raise SurdError(f"--executor {executor!r}: expected local or ray")
     stats(out, as_json=False)
@@ -255,7 +256,6 @@ def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/")) ->
 
 
 for _stage, _help in {
-    "fetch": "Download images for rows that have only an image_url.",
     "dedup": "Drop exact and near-duplicate images (part of `surd clean`).",
     "nsfw": "Score images with the NSFW classifier; drop or flag.",
     "pair": "Write narrative prompts (LLM rewrite, captioner, or both).",

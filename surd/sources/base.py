@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +58,9 @@ class SourceConfig(BaseModel):
     """Base for one `collect:` entry. Subclasses add `type: Literal[...]` and their options."""
 
     model_config = ConfigDict(extra="forbid")
+
+    # Options that only bound or pace a run (not what rows it yields): they may change when a run resumes.
+    RUN_OPTIONS: ClassVar[frozenset[str]] = frozenset({"max_items"})
 
     type: str
     name: str | None = Field(None, description="subfolder under collect/; defaults to the type")
