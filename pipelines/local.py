@@ -63,6 +63,7 @@ def _check_input(out: Path, source: str, names: list[str]) -> None:
 def process_shard(stage: Stage, src: Path, out: Path, rel: str, on_rows: Any = None) -> dict[str, Any]:
     """Run `stage` over one input shard and commit its outputs; returns the shard's stats."""
     start = time.perf_counter()
+    stage.take_side_tables()  # leftovers of a shard that failed in this worker belong to no shard
     before = stage.counters()
     kept_parts: list[pa.Table] = []
     dropped_parts: list[pa.Table] = []
@@ -84,6 +85,9 @@ def process_shard(stage: Stage, src: Path, out: Path, rel: str, on_rows: Any = N
         "seconds": round(time.perf_counter() - start, 4),
         "counters": {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)},
     }
+    # Side outputs (e.g. saved embeddings) land before the marker, so a done shard always has them.
+    for side_name, table in stage.take_side_tables().items():
+        shards.write_table(shards.side_path(out, side_name, rel), table)
     shards.commit_shard(out, rel, kept, dropped, stats)
     return stats
 
@@ -133,7 +137,11 @@ def open_stage(run_dir: Path, name: str, config: Any) -> OpenStage:
     remove_stale_temp_files(out)
     stage = Stage(name, config.build(), batch_size=config.batch_size)
     if stage.plan_columns:
-        stage.plan(shards.read_stage_table(src, columns=list(stage.plan_columns)))
+        columns = list(stage.plan_columns)
+        if getattr(stage.processor, "plan_streaming", False):  # plans over all images: don't hold them at once
+            stage.plan(shards.read_stage(src, columns=columns))
+        else:
+            stage.plan(shards.read_stage_table(src, columns=columns))
     todo = [rel for rel in names if not shards.is_done(out, rel)]
     if todo:
         (out / shards.MANIFEST).unlink(missing_ok=True)

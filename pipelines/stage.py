@@ -26,7 +26,7 @@ class Stage:
     def plan_columns(self) -> tuple[str, ...]:
         return tuple(getattr(self.processor, "plan_columns", ()))
 
-    def plan(self, index: pa.Table) -> None:
+    def plan(self, index: Any) -> None:
         """Whole-input decisions, made once in the parent before any batch (e.g. de-duplication)."""
         self.processor.plan(index)
 
@@ -36,6 +36,11 @@ class Stage:
             if hasattr(self.processor, "setup"):
                 self.processor.setup()
             self._ready = True
+
+    def take_side_tables(self) -> dict[str, pa.Table]:
+        """Side outputs the processor produced since the last call (e.g. embeddings), by name."""
+        take = getattr(self.processor, "take_side_tables", None)
+        return dict(take()) if take is not None else {}
 
     def counters(self) -> dict[str, int]:
         return dict(getattr(self.processor, "counters", {}) or {})

@@ -5,7 +5,8 @@ e.g. `folder/part-00000`):
 
     <rel>.parquet            kept rows (SURD schema)
     dropped/<rel>.parquet    dropped rows with drop_stage / drop_reason / drop_detail
-    _stats/<rel>.json        {"in", "kept", "dropped": {reason: n}, "seconds"}
+    _stats/<rel>.json        {"in", "kept", "dropped": {reason: n}, "seconds", "counters"}
+    _side/<name>/<rel>.parquet  side outputs of a processor (e.g. saved embeddings), optional
     _done/<rel>              completion marker, written last
     manifest.json            written when every shard is done: shards, rows, schema version
 """
@@ -94,7 +95,7 @@ def shard_names(stage_dir: Path) -> list[str]:
     names = []
     for p in stage_dir.rglob("*.parquet"):
         rel = p.relative_to(stage_dir)
-        if rel.parts[0] in ("dropped", "_stats", "_done", "_raw") or p.name.startswith("."):
+        if rel.parts[0] in ("dropped", "_stats", "_done", "_raw", "_side") or p.name.startswith("."):
             continue
         names.append(str(rel.with_suffix("")))
     return sorted(names)
@@ -106,6 +107,11 @@ def shard_path(stage_dir: Path, rel: str) -> Path:
 
 def dropped_path(stage_dir: Path, rel: str) -> Path:
     return Path(stage_dir) / "dropped" / f"{rel}.parquet"
+
+
+def side_path(stage_dir: Path, name: str, rel: str) -> Path:
+    """A processor's side output for one shard, e.g. `score/_side/embeddings/<rel>.parquet`."""
+    return Path(stage_dir) / "_side" / name / f"{rel}.parquet"
 
 
 def stats_path(stage_dir: Path, rel: str) -> Path:

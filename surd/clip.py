@@ -1,0 +1,344 @@
+"""The score stage: open_clip image-text similarity and the semantic correction.
+
+For each row: one image embedding; text embeddings for the keyword prompt and every narrative
+candidate; cosine similarities into `clip_keyword` and `clip_narrative` (of the best candidate, which
+becomes `narrative_prompt`), `clip_model` naming the model. Images are decoded and preprocessed in
+DataLoader worker processes (`num_workers`), the model runs under `torch.inference_mode` (fp16 on GPU).
+
+Semantic correction drops rows whose narrative does not match the image, each with its reason:
+- `narrative_mismatch`: `clip_narrative < min_narrative` (absolute);
+- `narrative_below_percentile`: `clip_narrative` below the `min_narrative_percentile`-th percentile of the
+  whole run (DataComp found relative thresholds more robust). A percentile needs every row's score before
+  any row is judged, so the stage then scores all rows in `plan()` (the executor calls it once, before any
+  batch, with the plan columns of the whole input) and `process_batch` only applies the decisions;
+- `narrative_below_keyword`: `clip_keyword - clip_narrative > max_keyword_gap` (relative to the keyword prompt).
+
+Prompts longer than the text context are truncated by the tokenizer and counted (`keyword_truncated`,
+`narrative_truncated` in the stage stats). With `save_embeddings`, float16 embeddings keyed by `id` are
+handed to the executor through `take_side_tables()` (the executor owns all I/O).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from surd.errors import StageError
+from surd.rows import Drop, StageConfig
+
+EMBEDDINGS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source_id", pa.string()), ("image_embedding", pa.list_(pa.float16())),
+    ("keyword_embedding", pa.list_(pa.float16())), ("narrative_embedding", pa.list_(pa.float16())),
+])
+_ADDRESS = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")  # keep drop details free of memory addresses
+PLAN_COLUMNS = ("id", "source_id", "image", "keyword_prompt", "narrative_prompt", "narrative_candidates")
+
+
+class ScoreConfig(StageConfig):
+    """Recipe section `score:`."""
+
+    batch_size: int = Field(256, ge=1, description="rows per call of process_batch")
+    model: str = Field("ViT-L-14", description="open_clip model name, or a folder with open_clip_config.json "
+                       "and weights (a local checkpoint, e.g. from `surd models tiny`)")
+    pretrained: str | None = Field("openai", description="open_clip pretrained tag or a checkpoint file; "
+                                   "ignored for a folder; none: random weights")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU")
+    inference_batch_size: int = Field(64, ge=1, description="images (and texts) per forward pass")
+    num_workers: int = Field(2, ge=0, le=64, description="DataLoader processes decoding and preprocessing images")
+    min_narrative: float | None = Field(None, ge=-1, le=1, description="drop rows whose clip_narrative is below")
+    min_narrative_percentile: float | None = Field(None, gt=0, lt=100,
+                                                   description="drop rows below this percentile of the run")
+    max_keyword_gap: float | None = Field(None, ge=0, description="drop rows whose clip_narrative is more than "
+                                          "this below clip_keyword")
+    save_embeddings: bool = Field(False, description="hand float16 embeddings keyed by id to the executor")
+
+    def build(self) -> ClipScorer:
+        return ClipScorer(self)
+
+
+@dataclass
+class Scored:
+    """One row's scores (or why it could not be scored)."""
+
+    problem: tuple[str, str] | None = None
+    clip_keyword: float | None = None
+    sims: tuple[float, ...] = ()
+    keyword_truncated: bool = False
+    narrative_truncated: int = 0
+    embeddings: tuple[Any, Any, Any] | None = None  # float16 (image, keyword, best narrative)
+
+
+def model_label(model: str, pretrained: str | None) -> str:
+    if Path(model).expanduser().is_dir():
+        return f"local-dir:{Path(model).name}"
+    if pretrained and Path(pretrained).expanduser().is_file():
+        return f"{model}/{Path(pretrained).name}"
+    return f"{model}/{pretrained or 'random'}"
+
+
+class _Images:
+    """Map-style dataset for the DataLoader: decode + preprocess in the worker processes."""
+
+    def __init__(self, blobs: list[bytes | None], transform: Any) -> None:
+        self.blobs, self.transform = blobs, transform
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str]:
+        from PIL import Image
+
+        data = self.blobs[i]
+        if not data:
+            return i, None, "no_image"
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return i, self.transform(img.convert("RGB")), ""
+        except Exception as e:  # Pillow raises many types for corrupt data; all mean "cannot decode"
+            return i, None, f"{type(e).__name__}: {_ADDRESS.sub('image bytes', str(e))}"
+
+
+def _as_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+class ClipScorer:
+    """The score stage's processor (see module doc)."""
+
+    plan_streaming = True  # plan() also takes an iterator of RecordBatches: no need to hold every image at once
+
+    def __init__(self, config: ScoreConfig) -> None:
+        self.config = config
+        self.label = model_label(config.model, config.pretrained)
+        self.counters: Counter[str] = Counter()
+        self._model: Any = None
+        self._planned: dict[tuple[str, str | None], Scored] | None = None
+        self._cutoff: float | None = None
+        self._side: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # shipped to worker processes: the model stays behind (setup reloads it when it is needed)
+        return {**self.__dict__, "_model": None, "_tokenizer": None, "_preprocess": None}
+
+    @property
+    def plan_columns(self) -> tuple[str, ...]:
+        return PLAN_COLUMNS if self.config.min_narrative_percentile is not None else ()
+
+    def setup(self) -> None:
+        if self._model is not None or self._planned is not None:
+            return
+        import open_clip
+        import torch
+
+        c = self.config
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
+        precision = c.precision if c.precision != "auto" else ("fp16" if self.device.startswith("cuda") else "fp32")
+        name, pretrained = c.model, c.pretrained
+        if Path(name).expanduser().is_dir():
+            name, pretrained = f"local-dir:{Path(name).expanduser()}", None
+        elif pretrained and Path(pretrained).expanduser().is_file():
+            pretrained = str(Path(pretrained).expanduser())
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=self.device, precision=precision, weights_only=True)
+            self._tokenizer = open_clip.get_tokenizer(name)
+        except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
+            raise StageError(f"score: cannot load open_clip model {c.model!r} (pretrained {c.pretrained!r}): {e}"
+                             ) from None
+        self._model, self._preprocess = model.eval(), preprocess
+        self._dtype = next(model.parameters()).dtype
+        self._context = int(getattr(model, "context_length", 77) or 77)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, rows: list[dict[str, Any]]) -> list[Scored]:
+        """Scores for `rows` (no thresholds applied)."""
+        import torch
+
+        self.setup()
+        with torch.inference_mode():
+            images = self._image_embeddings([(r.get("image") or {}).get("bytes") for r in rows])
+            texts = sorted({t for r in rows for t in [r.get("keyword_prompt"), *_candidates(r)] if t})
+            text_emb = dict(zip(texts, self._text_embeddings(texts), strict=True))
+        out = []
+        for row, image in zip(rows, images, strict=True):
+            if isinstance(image, tuple):
+                out.append(Scored(problem=image))
+                continue
+            keyword, candidates = row.get("keyword_prompt"), _candidates(row)
+            scored = Scored(
+                clip_keyword=float(image @ text_emb[keyword]) if keyword else None,
+                sims=tuple(float(image @ text_emb[t]) for t in candidates),
+                keyword_truncated=bool(keyword) and self._too_long(keyword),
+                narrative_truncated=sum(self._too_long(t) for t in candidates),
+            )
+            if self.config.save_embeddings:
+                best = text_emb[candidates[int(np.argmax(scored.sims))]] if candidates else None
+                scored.embeddings = tuple(None if e is None else e.astype(np.float16)  # type: ignore[assignment]
+                                          for e in (image, text_emb.get(keyword or ""), best))
+            out.append(scored)
+        return out
+
+    def _image_embeddings(self, blobs: list[bytes | None]) -> list[Any]:
+        """Unit image embeddings (numpy), or (reason, detail) for an image that cannot be used."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        out: list[Any] = [None] * len(blobs)
+        loader = DataLoader(_Images(blobs, self._preprocess), batch_size=self.config.inference_batch_size,
+                            num_workers=min(self.config.num_workers, max(1, len(blobs) // 8)),
+                            collate_fn=_as_list)
+        for items in loader:
+            ready = []
+            for i, tensor, problem in items:
+                if tensor is None:
+                    out[i] = ("no_image", "no image bytes") if problem == "no_image" else (
+                        "undecodable_image", problem)
+                else:
+                    ready.append((i, tensor))
+            if ready:
+                batch = torch.stack([t for _, t in ready]).to(self.device, self._dtype)
+                emb = self._model.encode_image(batch, normalize=True).float().cpu().numpy()
+                for (i, _), e in zip(ready, emb, strict=True):
+                    out[i] = e
+        return out
+
+    def _text_embeddings(self, texts: list[str]) -> list[Any]:
+        out: list[Any] = []
+        step = self.config.inference_batch_size
+        for start in range(0, len(texts), step):
+            tokens = self._tokenizer(texts[start : start + step]).to(self.device)
+            out.extend(self._model.encode_text(tokens, normalize=True).float().cpu().numpy())
+        return out
+
+    def _too_long(self, text: str) -> bool:
+        tok = self._tokenizer
+        if hasattr(tok, "encode"):  # open_clip's SimpleTokenizer: + start and end tokens
+            return len(tok.encode(text)) + 2 > self._context
+        if hasattr(tok, "tokenizer"):  # HFTokenizer wrapper
+            return len(tok.tokenizer(text)["input_ids"]) > self._context
+        return False
+
+    # ------------------------------------------------------------------ whole-run percentile
+
+    def plan(self, index: pa.Table | Iterable[pa.RecordBatch]) -> None:
+        """Score every input row once and fix the percentile cutoff (only with `min_narrative_percentile`)."""
+        if self.config.min_narrative_percentile is None:
+            return
+        self._planned = None
+        self.setup()
+        batches = index.to_batches(self.config.batch_size) if isinstance(index, pa.Table) else index
+        planned: dict[tuple[str, str | None], Scored] = {}
+        for batch in batches:
+            for start in range(0, batch.num_rows, self.config.batch_size):
+                rows = batch.slice(start, self.config.batch_size).to_pylist()
+                for row, scored in zip(rows, self.score(rows), strict=True):
+                    planned[(row["id"], row.get("source_id"))] = scored
+        values = [max(s.sims) for s in planned.values() if s.problem is None and s.sims]
+        self._cutoff = float(np.percentile(values, self.config.min_narrative_percentile)) if values else None
+        self._planned = planned
+        self._model = None  # workers only look scores up; free the model before the executor pickles us
+
+    @property
+    def cutoff(self) -> float | None:
+        return self._cutoff
+
+    # ------------------------------------------------------------------ the stage
+
+    def process_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
+        if self._planned is not None:
+            missing = [r for r in rows if (r["id"], r.get("source_id")) not in self._planned]
+            if missing:
+                raise StageError(f"score: row {missing[0]['id']!r} was not in the input given to plan()")
+            scores = [self._planned[(r["id"], r.get("source_id"))] for r in rows]
+        elif self.config.min_narrative_percentile is not None:
+            raise StageError("score: min_narrative_percentile needs plan() over the whole input first")
+        else:
+            scores = self.score(rows)
+        return [self._apply(row, scored) for row, scored in zip(rows, scores, strict=True)]
+
+    def _apply(self, row: dict[str, Any], scored: Scored) -> dict[str, Any] | Drop:
+        if scored.problem is not None:
+            return Drop(*scored.problem)
+        self.counters["keyword_truncated"] += int(scored.keyword_truncated)
+        self.counters["narrative_truncated"] += scored.narrative_truncated
+        out = dict(row)
+        out.update(clip_model=self.label, clip_keyword=scored.clip_keyword)
+        candidates = _candidates(row)
+        if candidates:
+            best = int(np.argmax(scored.sims))
+            out.update(narrative_prompt=candidates[best], clip_narrative=scored.sims[best])
+        else:
+            out["clip_narrative"] = None
+        if scored.embeddings is not None:
+            self._side.append({"id": row["id"], "source_id": row.get("source_id"),
+                               **dict(zip(EMBEDDINGS_SCHEMA.names[2:], scored.embeddings, strict=True))})
+        problem = self._judge(out)
+        return out if problem is None else Drop(*problem, row=out)
+
+    def _judge(self, row: dict[str, Any]) -> tuple[str, str] | None:
+        c, narrative, keyword = self.config, row["clip_narrative"], row["clip_keyword"]
+        if narrative is None:
+            return None  # nothing to judge: rows without a narrative keep their keyword score only
+        if c.min_narrative is not None and narrative < c.min_narrative:
+            return "narrative_mismatch", f"clip_narrative {narrative:.4f} < min_narrative {c.min_narrative}"
+        if self._cutoff is not None and narrative < self._cutoff:
+            return ("narrative_below_percentile", f"clip_narrative {narrative:.4f} < percentile "
+                    f"{c.min_narrative_percentile} of the run ({self._cutoff:.4f})")
+        if c.max_keyword_gap is not None and keyword is not None and keyword - narrative > c.max_keyword_gap:
+            return ("narrative_below_keyword", f"clip_narrative {narrative:.4f} < clip_keyword {keyword:.4f} "
+                    f"- max_keyword_gap {c.max_keyword_gap}")
+        return None
+
+    def take_side_tables(self) -> dict[str, pa.Table]:
+        """Embeddings gathered since the last call (empty without `save_embeddings`); the executor writes them."""
+        if not self._side:
+            return {}
+        rows, self._side = self._side, []
+        return {"embeddings": pa.Table.from_pylist(rows, schema=EMBEDDINGS_SCHEMA)}
+
+
+def _candidates(row: dict[str, Any]) -> list[str]:
+    candidates = [t for t in row.get("narrative_candidates") or [] if t]
+    if not candidates and row.get("narrative_prompt"):
+        candidates = [row["narrative_prompt"]]
+    return candidates
+
+
+def write_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random open_clip model as a local checkpoint folder (open_clip_config.json + safetensors).
+
+    It loads through the same `local-dir:` code path as a real checkpoint folder downloaded from the Hub.
+    """
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    preprocess_cfg = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+                      "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                      "resize_mode": "shortest"}
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                          indent=2))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return out
