@@ -61,10 +61,11 @@ def _commit(stage_dir: Path, rel: str, items: list[Any], source: str, seconds: f
     return stats
 
 
-def _read_partition(config: SourceConfig, index: int, partition: Any) -> tuple[int, list[Any], float]:
+def _collect_partition(config: SourceConfig, stage_dir: Path, rel: str, partition: Any) -> dict[str, Any]:
+    """Read one partition and commit its shard (in a worker process: rows never travel between processes)."""
     start = time.perf_counter()
-    source = config.build()
-    return index, list(source.read_partition(partition)), time.perf_counter() - start
+    items = list(config.build().read_partition(partition))
+    return _commit(stage_dir, rel, items, config.folder, time.perf_counter() - start)
 
 
 def collect(run_dir: Path, config: SourceConfig, *, workers: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -103,18 +104,16 @@ def _collect_partitioned(
     with progress_bar(f"collect {config.folder}", len(partitions), enabled=progress) as bar:
         if workers <= 1 or len(todo) <= 1:
             for i in todo:
-                _, items, seconds = _read_partition(config, i, partitions[i])
-                _commit(stage_dir, rel[i], items, config.folder, seconds)
+                _collect_partition(config, stage_dir, rel[i], partitions[i])
                 bar.advance(1)
             return
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            pending = {pool.submit(_read_partition, config, i, partitions[i]) for i in todo}
+            pending = {pool.submit(_collect_partition, config, stage_dir, rel[i], partitions[i]) for i in todo}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    i, items, seconds = future.result()
-                    _commit(stage_dir, rel[i], items, config.folder, seconds)
+                    future.result()
                     bar.advance(1)
 
 
