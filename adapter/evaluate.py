@@ -1,0 +1,341 @@
+"""`surd eval`: the adapter against the base model (and controls) on the same prompts and seeds.
+
+Prompt sets: SURD's `test` split narrative prompts and the shipped probe sets (`adapter/probes/`).
+Arms: `base` (the base model on the narrative prompt), `adapter` (the same model with prompt encoding
+through the adapter), and the optional controls `llm-expanded` (the base model on an LLM's expansion of
+the narrative prompt) and `finetune` (another diffusers model, e.g. a plain fine-tune on the same data).
+Every arm draws its starting noise from the same per-image CPU generator seeded with the image's seed.
+
+Images live in `OUT/images/<arm>-<fingerprint>/<prompt hash>-s<seed>.png`; the fingerprint covers the model,
+the adapter weights and the sampler settings, so a rerun reuses exactly the images it can and nothing
+stale. Scoring (`adapter/eval_scores.py`) and the reports (`adapter/eval_report.py`) run on what is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapter.probes import PROBE_SETS, load_probes
+from surd.errors import SurdError
+from surd.shards import atomic_write_bytes
+
+IMAGES = "images"
+
+
+class EvalConfig(BaseModel):
+    """Everything that decides which images are made and how they are scored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
+    adapter: Path = Field(..., description="a `surd train` run folder (adapter.safetensors + adapter_config.json)")
+    clip: str = Field(..., description="CLIP for scoring: an open_clip folder, or NAME/PRETRAINED (tag or file)")
+    data: Path | None = Field(None, description="run folder holding the exported dataset (DIR/surd/data/*.parquet)")
+    probes: list[str] = Field(default_factory=lambda: list(PROBE_SETS), description="probe sets or YAML files")
+    limit: int | None = Field(None, ge=1, description="at most this many prompts per prompt set")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    negative_prompt: str = ""
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+    batch_size: int = Field(4, ge=1, description="images per pipeline call")
+    device: str | None = Field(None, description="cuda, cpu, ...; default: cuda when available")
+    llm: str | None = Field(None, description="control: expand narrative prompts with this LLM (spec or model name)")
+    llm_url: str | None = Field(None, description="OpenAI-compatible base URL for --llm (default: local transformers)")
+    finetune: str | None = Field(None, description="control: another diffusers model, e.g. a plain fine-tune")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One prompt to evaluate: a SURD test row or a probe."""
+
+    id: str
+    category: str  # `surd` or the probe set's category
+    prompt: str  # the narrative prompt every arm is scored against
+    keyword_prompt: str | None = None
+    alternatives: tuple[str, ...] = ()
+    answer: int | None = None
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    model: str
+    adapter: Path | None
+    expand: bool  # generate from the LLM expansion instead of the narrative prompt
+    tag: str  # name + fingerprint: the image folder
+
+
+@dataclass(frozen=True)
+class Job:
+    arm: Arm
+    item: EvalItem
+    seed: int
+    generation_prompt: str
+    path: Path
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- prompt sets
+
+
+def surd_test_items(data: Path, limit: int | None) -> tuple[list[EvalItem], int]:
+    """SURD `test` rows with a narrative prompt, sorted by id; also how many test rows had none."""
+    folder = data / "surd" / "data" if (data / "surd" / "data").is_dir() else data / "data"
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise SurdError(f"--data {data}: no exported dataset (expected {data / 'surd' / 'data'}/*.parquet)")
+    columns = ["id", "narrative_prompt", "keyword_prompt", "split"]
+    try:
+        tables = [pq.read_table(f, columns=columns) for f in files]
+    except (OSError, KeyError, ValueError) as e:
+        raise SurdError(f"--data {data}: cannot read the SURD shards ({e})") from None
+    rows: list[dict[str, Any]] = []
+    for table in tables:
+        rows.extend(table.filter(pc.equal(table.column("split"), "test")).to_pylist())
+    if not rows:
+        raise SurdError(f"--data {data}: the dataset has no `test` split rows to evaluate on")
+    usable = sorted((r for r in rows if (r["narrative_prompt"] or "").strip()), key=lambda r: r["id"])
+    items = [EvalItem(r["id"], "surd", r["narrative_prompt"].strip(), (r["keyword_prompt"] or "").strip() or None)
+             for r in usable]
+    return items[:limit] if limit else items, len(rows) - len(usable)
+
+
+def probe_items(names: list[str], limit: int | None) -> list[EvalItem]:
+    by_category: dict[str, list[EvalItem]] = defaultdict(list)
+    for p in load_probes(names):
+        by_category[p.category].append(EvalItem(p.id, p.category, p.prompt, None, p.alternatives, p.answer))
+    return [item for items in by_category.values() for item in (items[:limit] if limit else items)]
+
+
+# ---------------------------------------------------------------- arms and images
+
+
+def _settings(config: EvalConfig) -> dict[str, Any]:
+    return {"steps": config.steps, "guidance_scale": config.guidance_scale, "negative_prompt": config.negative_prompt,
+            "height": config.height, "width": config.width}
+
+
+def _model_identity(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def build_arms(config: EvalConfig) -> list[Arm]:
+    """The arms to generate, each tagged with a fingerprint of what decides its pixels."""
+    from adapter.model import CONFIG_NAME, WEIGHTS_NAME
+
+    weights = config.adapter / WEIGHTS_NAME
+    if not weights.is_file() or not (config.adapter / CONFIG_NAME).is_file():
+        raise SurdError(f"--adapter {config.adapter}: no {WEIGHTS_NAME} + {CONFIG_NAME} (a finished `surd train` run?)")
+    specs = [("base", config.base, None, False), ("adapter", config.base, config.adapter, False)]
+    if config.llm:
+        specs.append(("llm-expanded", config.base, None, True))
+    if config.finetune:
+        specs.append(("finetune", config.finetune, None, False))
+    arms = []
+    for name, model, adapter, expand in specs:
+        identity = {"model": _model_identity(model), "settings": _settings(config),
+                    "adapter": _file_digest(adapter / WEIGHTS_NAME) if adapter else None}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+        arms.append(Arm(name, model, adapter, expand, f"{name}-{digest}"))
+    return arms
+
+
+def plan_jobs(arms: list[Arm], items: list[EvalItem], seeds: list[int], out: Path,
+              expansions: dict[str, str]) -> list[Job]:
+    """Every (arm, prompt, seed) image, keyed by arm tag, prompt hash and seed."""
+    jobs = []
+    for arm in arms:
+        for item in items:
+            prompt = expansions.get(item.prompt) if arm.expand else item.prompt
+            if prompt is None:  # the LLM failed on this prompt: the control has no image for it
+                continue
+            for seed in seeds:
+                path = out / IMAGES / arm.tag / f"{prompt_hash(prompt)}-s{seed}.png"
+                jobs.append(Job(arm, item, seed, prompt, path))
+    return jobs
+
+
+def _generate_batch(pipe: Any, adapter: Any, prompts: list[str], seeds: list[int], config: EvalConfig) -> list[Any]:
+    import torch
+
+    from adapter.pipeline import encode_prompts
+
+    embeds = encode_prompts(pipe, prompts, adapter)
+    negative = None
+    if config.guidance_scale > 1:  # the negative prompt goes through the adapter too, as in `surd generate`
+        negative = encode_prompts(pipe, [config.negative_prompt] * len(prompts), adapter)
+    # One CPU generator per image: its noise depends on its seed only, not on the batch it landed in.
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators,
+                num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                height=config.height, width=config.width).images
+
+
+def generate_missing(jobs: list[Job], config: EvalConfig, bar: Any) -> int:
+    """Generate the images not on disk yet (one pipeline per model); returns how many were made."""
+    import torch
+
+    from adapter.pipeline import default_device, load_adapter, load_pipeline
+
+    todo = list({j.path: j for j in jobs if not j.path.is_file()}.values())  # rows sharing a prompt share images
+    by_model: dict[str, list[Job]] = defaultdict(list)
+    for job in todo:
+        by_model[job.arm.model].append(job)
+    device = config.device or default_device()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    for model, model_jobs in by_model.items():
+        pipe = load_pipeline(model, device=device, dtype=dtype)
+        adapters = {}
+        for arm in {j.arm for j in model_jobs if j.arm.adapter is not None}:
+            adapters[arm.tag] = load_adapter(arm.adapter, pipe)
+        by_arm: dict[str, list[Job]] = defaultdict(list)
+        for job in model_jobs:
+            by_arm[job.arm.tag].append(job)
+        for tag, arm_jobs in by_arm.items():
+            for start in range(0, len(arm_jobs), config.batch_size):
+                chunk = arm_jobs[start : start + config.batch_size]
+                images = _generate_batch(pipe, adapters.get(tag), [j.generation_prompt for j in chunk],
+                                         [j.seed for j in chunk], config)
+                for job, image in zip(chunk, images, strict=True):
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    atomic_write_bytes(job.path, buffer.getvalue())  # a killed run never leaves half an image
+                bar.update(len(chunk))
+        del pipe, adapters
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # before the next model (a --finetune control) loads
+    return len(todo)
+
+
+def write_arm_cards(arms: list[Arm], config: EvalConfig, out: Path) -> None:
+    """`images/<tag>/arm.json`: what produced the images in that folder."""
+    from surd.shards import atomic_write_json
+
+    for arm in arms:
+        card = {"arm": arm.name, "model": arm.model, "adapter": str(arm.adapter) if arm.adapter else None,
+                "prompts": "llm expansion of the narrative prompt" if arm.expand else "narrative prompt",
+                "llm": config.llm if arm.expand else None, **_settings(config)}
+        atomic_write_json(out / IMAGES / arm.tag / "arm.json", card)
+
+
+# ---------------------------------------------------------------- the llm-expanded control
+
+EXPAND_TEMPLATE = Path(__file__).parent / "templates" / "expand-v1.yaml"
+
+
+def expand_prompts(config: EvalConfig, prompts: list[str], out: Path) -> dict[str, str]:
+    """LLM expansions of `prompts` (greedy, cached in OUT/llm-cache.sqlite); prompts that failed are left out."""
+    from surd.llm import LLMError, OpenAILLM, RequestCache, Sampling, TransformersLLM, cache_key, load_template
+
+    assert config.llm is not None
+    template = load_template(str(EXPAND_TEMPLATE))
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=96, seed=0)
+    cache = RequestCache(out / "llm-cache.sqlite")
+    unique = list(dict.fromkeys(prompts))
+    keys = {p: cache_key(kind="expand", template=template.id, digest=template.digest, model=config.llm,
+                         url=config.llm_url, prompt=p, sampling=sampling.as_dict()) for p in unique}
+    found = cache.get_many(list(keys.values()))
+    todo = [p for p in unique if keys[p] not in found]
+    if todo:
+        llm: Any = OpenAILLM(config.llm, config.llm_url) if config.llm_url else TransformersLLM(config.llm)
+        results = llm.generate([template.messages({"narrative_prompt": p}) for p in todo], 1, sampling)
+        new = {}
+        for prompt, result in zip(todo, results, strict=True):
+            text = "" if isinstance(result, LLMError) else _one_line(result[0])
+            if text:
+                new[keys[prompt]] = [text]
+        cache.put_many(new)
+        found.update(new)
+    return {p: found[keys[p]][0] for p in unique if keys[p] in found}
+
+
+def _one_line(text: str) -> str:
+    line = next((s.strip() for s in text.strip().splitlines() if s.strip()), "")
+    return line.strip("\"'` ")
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+
+def _bar(total: int, label: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="img", disable=not enabled or total == 0)
+
+
+def run_eval(config: EvalConfig, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Generate what is missing, score everything, write results.json / results.md / report.html / scores.parquet."""
+    import pyarrow as pa
+
+    from adapter.eval_report import summarise, write_reports
+    from adapter.eval_scores import ClipScorer, score_images
+    from adapter.pipeline import default_device
+    from surd.shards import atomic_write_json, write_table
+
+    out = Path(out)
+    items: list[EvalItem] = []
+    skipped = 0
+    if config.data is not None:
+        items, skipped = surd_test_items(config.data, config.limit)
+    items += probe_items(config.probes, config.limit)
+    if not items:
+        raise SurdError("nothing to evaluate: give --data (a run with an exported dataset) and/or --probes")
+    arms = build_arms(config)
+    out.mkdir(parents=True, exist_ok=True)
+    expansions = expand_prompts(config, [i.prompt for i in items], out) if config.llm else {}
+    jobs = plan_jobs(arms, items, config.seeds, out, expansions)
+    write_arm_cards(arms, config, out)
+    missing = len({j.path for j in jobs if not j.path.is_file()})
+    with _bar(missing, "generate", progress) as bar:
+        generated = generate_missing(jobs, config, bar)
+
+    records = [{"arm": j.arm.name, "arm_tag": j.arm.tag, "category": j.item.category, "item_id": j.item.id,
+                "seed": j.seed, "prompt": j.item.prompt, "keyword_prompt": j.item.keyword_prompt,
+                "generation_prompt": j.generation_prompt, "alternatives": list(j.item.alternatives),
+                "answer": j.item.answer, "path": str(j.path)} for j in jobs]
+    scorer = ClipScorer(config.clip, device=config.device or default_device())
+    with _bar(len(records), "CLIP", progress) as bar:
+        scored = score_images(scorer, records, bar)
+    for record in scored:
+        record["image"] = str(Path(record.pop("path")).relative_to(out))
+    write_table(out / "scores.parquet", pa.Table.from_pylist(scored))
+
+    results = {
+        "config": json.loads(config.model_dump_json()),
+        "clip_model": scorer.label,
+        "arms": [{"name": a.name, "tag": a.tag, "model": a.model, "adapter": str(a.adapter) if a.adapter else None,
+                  "prompts": "llm expansion" if a.expand else "narrative"} for a in arms],  # a list: keeps the order
+        "images": {"total": len(jobs), "generated": generated, "reused": len(jobs) - generated},
+        "prompts": {"surd": sum(i.category == "surd" for i in items),
+                    "probes": sum(i.category != "surd" for i in items),
+                    "surd_test_rows_without_narrative": skipped,
+                    "llm_expansion_failures": len({i.prompt for i in items} - set(expansions)) if config.llm else 0},
+        "categories": summarise(scored, [a.name for a in arms]),
+    }
+    atomic_write_json(out / "results.json", results)
+    write_reports(results, scored, out)
+    return results

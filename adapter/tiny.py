@@ -1,0 +1,197 @@
+"""Tiny randomly initialised Stable Diffusion folders (diffusers layout) for tests and the offline demo.
+
+Everything is built from config objects; the tokenizer is a CLIP BPE tokenizer made from open_clip's
+bundled vocabulary (cut to its first merges so the embedding table stays small). Images produced with
+these models are noise: they exist to exercise the code paths, not to be looked at.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import torch
+
+# open_clip's BPE file: a header line, then merges in rank order (the same data as CLIP's merges.txt).
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (256 base symbols)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def clip_bpe(num_merges: int = 2000) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary and merges, truncated to the first `num_merges` merges (49152 - 258 is the full set)."""
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / _BPE_FILE
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 1 + min(num_merges, 49152 - 256 - 2)]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def clip_tokenizer(num_merges: int = 2000, max_length: int = 77):  # -> transformers.CLIPTokenizer
+    """An offline CLIP tokenizer from open_clip's bundled BPE vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe(num_merges)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def write_tiny_sd(out_dir: Path, text_dim: int = 768, seed: int = 0) -> Path:
+    """Write a tiny random StableDiffusionPipeline folder. `text_dim` 768 is SD 1.x-shaped, 1024 SD 2.x-shaped."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd2 = text_dim >= 1024
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_dim,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4 if text_dim % 4 == 0 else 1,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    # SD 1.5 and 2.x schedules; SD 2.x (768-v) predicts v, which exercises the v-prediction loss path.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_tiny_teacher(out_dir: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random LlamaForCausalLM + the offline CLIP BPE tokenizer, loadable with from_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
+_SHAPES = ["circle", "square", "triangle"]
+
+
+def write_tiny_dataset(run_dir: Path, n: int = 16, size: int = 40, test: int = 2, seed: int = 0) -> Path:
+    """A small exported SURD dataset (`<run_dir>/surd/data/*.parquet`) of drawn shapes with both prompts."""
+    import io
+    import random
+
+    from PIL import Image, ImageDraw
+
+    from surd.schema import from_rows
+    from surd.shards import write_table
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour, shape = _COLOURS[i % len(_COLOURS)], _SHAPES[(i // len(_COLOURS)) % len(_SHAPES)]
+        image = Image.new("RGB", (size + rng.randint(0, 8), size), "white")
+        draw = ImageDraw.Draw(image)
+        x, y, r = rng.randint(2, size // 3), rng.randint(2, size // 3), rng.randint(size // 4, size // 2)
+        if shape == "circle":
+            draw.ellipse([x, y, x + r, y + r], fill=colour)
+        elif shape == "square":
+            draw.rectangle([x, y, x + r, y + r], fill=colour)
+        else:
+            draw.polygon([(x, y + r), (x + r, y + r), (x + r // 2, y)], fill=colour)
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        rows.append({
+            "id": f"tiny:{i:04d}",
+            "source": "tiny",
+            "image": {"bytes": buf.getvalue(), "path": None},
+            "width": image.width,
+            "height": image.height,
+            "keyword_prompt": f"{colour} {shape}, centered, masterpiece, best quality, highly detailed, 8k",
+            "narrative_prompt": f"a {colour} {shape} on a white background",
+            "split": "test" if i >= n - test else "train",
+        })
+    path = Path(run_dir) / "surd" / "data" / "train-00000-of-00001.parquet"
+    write_table(path, from_rows(rows))
+    return Path(run_dir)

@@ -1,0 +1,252 @@
+"""`surd eval`: probe sets with correct answers, paired summaries, and the whole flow on the tiny stack."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from adapter.eval_cli import register
+from adapter.eval_report import summarise
+from adapter.model import SURAdapter
+from adapter.probes import PROBE_SETS, load_probe_set
+from surd.errors import SurdError
+from surd.schema import from_rows
+
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown", "grey")
+INVERSE = {"on top of": "under", "under": "on top of", "to the left of": "to the right of",
+           "to the right of": "to the left of", "in front of": "behind", "behind": "in front of"}
+COLOUR_PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r") (\w+)")
+ROLES = re.compile(r"^an? (\w+) (.+) an? (\w+)$")
+
+
+def _contains(text: str, phrase: str) -> bool:
+    return re.search(r"(^|\s)" + re.escape(phrase) + r"(\s|$)", text) is not None
+
+
+# ---------------------------------------------------------------- the shipped probe sets
+
+
+@pytest.mark.parametrize("name", PROBE_SETS)
+def test_probe_set_answers_describe_their_prompts(name: str) -> None:
+    probes = load_probe_set(name)
+    assert len(probes) >= 12 and {p.category for p in probes} == {name}
+    assert len({p.prompt for p in probes}) == len(probes)
+    # the right answer sits at every position somewhere, so position bias cannot look like accuracy
+    assert {p.answer for p in probes} == set(range(len(probes[0].alternatives)))
+    for p in probes:
+        correct = p.alternatives[p.answer]
+        assert len(set(p.alternatives)) == len(p.alternatives) >= 3, p.id
+        assert _contains(p.prompt, correct), f"{p.id}: answer {correct!r} is not what {p.prompt!r} says"
+        wrong = [a for a in p.alternatives if a != correct and _contains(p.prompt, a)]
+        assert not wrong, f"{p.id}: the prompt also says {wrong}"
+
+
+def test_counting_probes_differ_only_in_the_count() -> None:
+    for p in load_probe_set("counting"):
+        parsed = [a.split(" ", 1) for a in p.alternatives]
+        counts = [NUMBERS[word] for word, _ in parsed]
+        assert len(set(counts)) == len(counts), p.id
+        singular = {noun for word, noun in parsed if word == "one"}
+        plural = {noun for word, noun in parsed if word != "one"}
+        assert len(singular) == 1 and plural == {singular.pop() + "s"}, p.id  # one apple / two apples
+        assert NUMBERS[p.prompt.split(" ", 1)[0]] == counts[p.answer], p.id
+
+
+def test_colour_probes_bind_the_prompts_colours_to_the_right_objects() -> None:
+    for p in load_probe_set("colour"):
+        pairs = [COLOUR_PAIR.findall(a) for a in p.alternatives]
+        nouns = [tuple(n for _, n in pair) for pair in pairs]
+        assert all(pair and n == nouns[0] for pair, n in zip(pairs, nouns, strict=True)), p.id
+        colourings = [tuple(c for c, _ in pair) for pair in pairs]
+        assert len(set(colourings)) == len(colourings), p.id
+        in_prompt = [(c, n) for c, n in COLOUR_PAIR.findall(p.prompt) if n in nouns[0]]
+        assert in_prompt == pairs[p.answer], p.id
+
+
+def test_action_probes_keep_the_roles_and_never_say_the_same_thing_twice() -> None:
+    for p in load_probe_set("action"):
+        parsed = [ROLES.match(a).groups() for a in p.alternatives]  # type: ignore[union-attr]
+        assert len({frozenset((s, o)) for s, _, o in parsed}) == 1, p.id
+        for i, (s, rel, o) in enumerate(parsed):
+            for s2, rel2, o2 in parsed[i + 1 :]:
+                # "a cat on top of a box" and "a box under a cat" would both be right
+                assert not (s == o2 and o == s2 and INVERSE.get(rel) == rel2), f"{p.id}: {rel} / {rel2}"
+        assert p.prompt.startswith(p.alternatives[p.answer] + " "), p.id
+
+
+def test_probe_file_with_a_bad_answer_names_the_file_and_probe(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("category: mine\nprobes:\n  - {id: m-1, prompt: two cats, alternatives: [one cat, two cats], "
+                    "answer: 2}\n")
+    with pytest.raises(SurdError, match=r"mine\.yaml.*m-1.*answer 2"):
+        load_probe_set(str(path))
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def test_summary_pairs_each_arm_with_the_base_image_of_the_same_prompt_and_seed() -> None:
+    def record(arm: str, item: str, seed: int, clip: float, correct: bool) -> dict:
+        return {"arm": arm, "category": "counting", "item_id": item, "seed": seed, "clip_narrative": clip,
+                "clip_keyword": None, "probe_correct": correct, "p_correct": 0.5}
+
+    records = [record("base", "a", 0, 0.20, False), record("base", "a", 1, 0.30, True),
+               record("adapter", "a", 0, 0.25, True), record("adapter", "a", 1, 0.28, True),
+               record("adapter", "b", 0, 0.90, True)]  # no base image for b: left out of the paired numbers
+    summary = summarise(records, ["base", "adapter"])["counting"]
+    assert summary["arms"]["base"]["images"] == 2 and summary["arms"]["adapter"]["images"] == 3
+    versus = summary["vs_base"]["adapter"]
+    assert versus["pairs"] == 2
+    assert versus["clip_narrative_delta"] == pytest.approx((0.05 - 0.02) / 2, abs=1e-4)
+    assert versus["win_rate"] == 0.5 and versus["probe_accuracy_delta"] == 0.5
+    assert summary["arms"]["base"]["clip_keyword"] is None
+
+
+# ---------------------------------------------------------------- end to end on the tiny stack
+
+ARGS = ["--limit", "1", "--seeds", "0,1", "--steps", "2", "--size", "32", "--device", "cpu", "--quiet"]
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:  # a group, so `eval` stays a subcommand as in `surd`
+        pass
+
+    register(app)
+    return app
+
+
+def _adapter_run(folder: Path, base: Path, perturb: bool) -> Path:
+    torch.manual_seed(1)
+    adapter = SURAdapter(768, depth=1, heads=4, ff_dim=64, eta=0.5)
+    if perturb:  # a trained adapter is not the identity; a fresh one is
+        torch.nn.init.normal_(adapter.out.weight, std=0.5)
+    adapter.save(folder, extra={"base_model": str(base)})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from adapter.tiny import write_tiny_sd
+    from surd.clip import write_tiny_clip
+
+    root = tmp_path_factory.mktemp("eval")
+    sd = write_tiny_sd(root / "sd")
+    rows = [{"id": "t:1", "narrative_prompt": "a <script>x</script> cat & two dogs", "keyword_prompt": "cat, 8k",
+             "split": "test"},
+            {"id": "t:2", "narrative_prompt": "a red bicycle", "keyword_prompt": None, "split": "test"},
+            {"id": "t:3", "narrative_prompt": None, "keyword_prompt": "no narrative", "split": "test"},
+            {"id": "t:4", "narrative_prompt": "a training row", "keyword_prompt": "x", "split": "train"}]
+    (root / "data" / "surd" / "data").mkdir(parents=True)
+    pq.write_table(from_rows(rows), root / "data" / "surd" / "data" / "test-00000-of-00001.parquet")
+    return {"root": root, "sd": sd, "clip": write_tiny_clip(root / "clip"), "data": root / "data",
+            "adapter": _adapter_run(root / "run", sd, perturb=True)}
+
+
+def _eval(stack: dict[str, Path], out: Path, *extra: str, adapter: Path | None = None) -> dict:
+    args = ["eval", "--base", str(stack["sd"]), "--adapter", str(adapter or stack["adapter"]), "--clip",
+            str(stack["clip"]), "--out", str(out), *ARGS, *extra]
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads((out / "results.json").read_text())
+
+
+def test_eval_end_to_end_then_resume_reuses_every_image(stack: dict[str, Path]) -> None:
+    out = stack["root"] / "out"
+    results = _eval(stack, out, "--data", str(stack["data"]))
+    for name in ("results.json", "results.md", "report.html", "scores.parquet"):
+        assert (out / name).is_file(), name
+    assert set(results["categories"]) == {"surd", "counting", "colour", "action", "all probes"}
+    assert results["prompts"] == {"surd": 1, "probes": 3, "surd_test_rows_without_narrative": 1,
+                                  "llm_expansion_failures": 0}
+    # 4 prompts x 2 seeds x 2 arms
+    assert results["images"] == {"total": 16, "generated": 16, "reused": 0}
+    for category, summary in results["categories"].items():
+        expected = 6 if category == "all probes" else 2
+        assert {arm: s["images"] for arm, s in summary["arms"].items()} == {"base": expected, "adapter": expected}
+        assert summary["vs_base"]["adapter"]["pairs"] == expected
+    assert results["categories"]["surd"]["arms"]["base"]["clip_keyword"] is not None
+    assert results["categories"]["counting"]["arms"]["adapter"]["probe_accuracy"] in (0.0, 0.5, 1.0)
+
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    assert len(scores) == 16 and all((out / s["image"]).is_file() for s in scores)
+    by_key = {(s["arm"], s["item_id"], s["seed"]): (out / s["image"]).read_bytes() for s in scores}
+    assert any(by_key[("adapter", i, seed)] != by_key[("base", i, seed)] for _, i, seed in by_key)
+
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/jpeg;base64,') == 16
+    assert page.count('<div class="row">') == 8  # one row per prompt and seed: base | adapter side by side
+    assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt; cat &amp; two dogs" in page
+    assert "| adapter | 2 |" in (out / "results.md").read_text()
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    again = _eval(stack, out, "--data", str(stack["data"]))
+    assert again["images"] == {"total": 16, "generated": 0, "reused": 16}
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == mtimes
+    assert again["categories"] == results["categories"]
+
+
+def test_new_adapter_weights_regenerate_only_adapter_images_from_the_same_seeds(stack: dict[str, Path]) -> None:
+    out = stack["root"] / "out-identity"
+    first = _eval(stack, out, "--probes", "counting")
+    identity = _adapter_run(stack["root"] / "run-identity", stack["sd"], perturb=False)
+    second = _eval(stack, out, "--probes", "counting", adapter=identity)
+    assert first["images"]["generated"] == 4 and second["images"] == {"total": 4, "generated": 2, "reused": 2}
+    tags = [{arm["name"]: arm["tag"] for arm in run["arms"]} for run in (first, second)]
+    assert tags[0]["base"] == tags[1]["base"] and tags[0]["adapter"] != tags[1]["adapter"]
+    # the residual adapter is the identity at init: same seed, same noise, so the very same pixels
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    images = {(s["arm"], s["seed"]): (out / s["image"]).read_bytes() for s in scores}
+    assert images[("adapter", 0)] == images[("base", 0)] and images[("adapter", 1)] == images[("base", 1)]
+    assert images[("base", 0)] != images[("base", 1)]
+
+
+def test_controls_llm_expanded_from_cached_expansions_and_a_finetune(stack: dict[str, Path]) -> None:
+    from openai_server import FakeOpenAI
+
+    def expand(messages: list[dict[str, str]], body: dict) -> str:
+        return messages[-1]["content"].removeprefix("Description: ") + ", golden hour, highly detailed\n"
+
+    out = stack["root"] / "out-llm"
+    with FakeOpenAI(expand) as server:
+        extra = ("--probes", "colour", "--seeds", "0", "--guidance", "1", "--llm", "tiny-expander",
+                 "--llm-url", server.base_url, "--finetune", str(stack["sd"]))  # guidance 1: no negative prompt
+        results = _eval(stack, out, *extra)
+        assert len(server.requests) == 1
+        again = _eval(stack, out, *extra)
+        assert len(server.requests) == 1  # the second run took the expansion from OUT/llm-cache.sqlite
+    assert [arm["name"] for arm in results["arms"]] == ["base", "adapter", "llm-expanded", "finetune"]
+    assert again["images"]["generated"] == 0 and results["images"]["total"] == 4
+    scores = {s["arm"]: s for s in pq.read_table(out / "scores.parquet").to_pylist()}
+    assert scores["llm-expanded"]["generation_prompt"] == (
+        "a red car parked on a quiet street, golden hour, highly detailed")
+    assert scores["llm-expanded"]["prompt"] == scores["base"]["prompt"] == "a red car parked on a quiet street"
+    assert results["categories"]["colour"]["vs_base"]["llm-expanded"]["pairs"] == 1
+    # the "fine-tune" here is the base model itself: same weights, same seed, same pixels
+    image = {arm: (out / s["image"]).read_bytes() for arm, s in scores.items()}
+    assert image["finetune"] == image["base"] != image["llm-expanded"]
+
+
+def test_user_errors_name_the_flag(stack: dict[str, Path], tmp_path: Path) -> None:
+    base = ["eval", "--base", str(stack["sd"]), "--clip", str(stack["clip"]), "--out", str(tmp_path / "o"), *ARGS]
+    cases = [
+        (["--adapter", str(tmp_path)], "--adapter"),
+        (["--adapter", str(stack["adapter"]), "--data", str(tmp_path)], "--data"),
+        (["--adapter", str(stack["adapter"]), "--probes", "shapes"], "--probes 'shapes'"),
+        (["--adapter", str(stack["adapter"]), "--seeds", "a,b"], "--seeds"),
+        (["--adapter", str(stack["adapter"]), "--probes", "none"], "nothing to evaluate"),
+    ]
+    for extra, needle in cases:
+        result = CliRunner().invoke(_cli(), base + extra)
+        assert isinstance(result.exception, SurdError) and needle in str(result.exception), (extra, result.exception)
+    assert not (tmp_path / "o" / "images").exists()
