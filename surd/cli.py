@@ -265,14 +265,14 @@ for _stage, _help in {
 
 
 def _register_plugins() -> None:
-    import importlib
+    """Commands owned by other packages (they import surd, so they register themselves here)."""
+    from adapter import cli as adapter_cli
+    from adapter import eval_cli
+    from annotations import cli as annotations_cli
+    from surd import cli_fetch
 
-    for module in ("annotations.cli", "adapter.cli", "adapter.eval_cli", "surd.cli_fetch"):
-        try:
-            importlib.import_module(module).register(app)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # a real missing dependency inside the module: let it surface
-                raise
+    for module in (annotations_cli, adapter_cli, eval_cli, cli_fetch):
+        module.register(app)
 
 
 _register_plugins()
