@@ -195,3 +195,14 @@ def write_tiny_dataset(run_dir: Path, n: int = 16, size: int = 40, test: int = 2
     path = Path(run_dir) / "surd" / "data" / "train-00000-of-00001.parquet"
     write_table(path, from_rows(rows))
     return Path(run_dir)
+
+
+def write_tiny_world(root: Path, *, text_dim: int = 32, n: int = 14) -> dict[str, Path]:
+    """A tiny SD stack, a tiny teacher LLM and a tiny SURD run folder under `root` (tests, benchmarks)."""
+    root = Path(root)
+    return {
+        "sd": write_tiny_sd(root / "sd", text_dim=text_dim),
+        "llm": write_tiny_teacher(root / "llm"),
+        "run": write_tiny_dataset(root / "run", n=n),
+        "root": root,
+    }

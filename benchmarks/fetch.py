@@ -105,7 +105,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "fetch")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-fetch")
+    parser.add_argument("--quick", action="store_true", help="1,500 images, 3 alternating repeats")
+    parser.add_argument("--json", type=Path, default=None, help="write the run_all.py row format here instead")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.repeats = min(args.images, 1500), min(args.repeats, 3)
     args.work.mkdir(parents=True, exist_ok=True)
     server, base = start_server(args.images, args.size)
     try:
@@ -137,7 +141,18 @@ def main() -> None:
         "surd_runs": surd_runs, "img2dataset_runs": i2d_runs,
     }
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}, indent=2))
-    write_report(args.out, result)
+    if args.json is None:
+        write_report(args.out, result)
+        return
+    row = {"metric": "images/s", "ours": result["surd_images_per_s"], "baseline": result["img2dataset_images_per_s"],
+           "baseline_name": "img2dataset", "ratio": result["ratio"], "target": 1.2, "unit": "images/s"}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "title": "fetch: surd vs img2dataset, same URLs and concurrency, no resizing",
+        "workload": f"{args.images} {args.size}px JPEGs from a loopback server, concurrency {args.concurrency}, "
+                    f"median of {args.repeats} back-to-back pairs",
+        "rows": [row], "result": result,
+    }, indent=2))
 
 
 def write_report(out: Path, result: dict) -> None:

@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-models.json")
+    parser.add_argument("--json", type=Path, default=None, help="write the run_all.py row format here instead")
     args = parser.parse_args()
     tokens = 24 if args.quick else 48
     rows = make_rows(args.rows)
@@ -71,6 +72,18 @@ def main() -> None:
         "example": next((r["narrative_prompt"] for r in batched if not isinstance(r, Drop)), None),
     }
     print(json.dumps(result, indent=2))
+    if args.json is not None:
+        row = {"metric": f"pair rows/s at batch {args.batch}", "ours": result["batched_rows_per_s"],
+               "baseline": result["one_at_a_time_rows_per_s"], "baseline_name": "one row at a time",
+               "target": 3, "unit": "rows/s"}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "title": "pair stage: batched generation vs one row at a time, same model",
+            "workload": f"{args.rows} rows, {args.model}, {tokens} new tokens, greedy; "
+                        f"identical outputs: {result['same_outputs']}",
+            "rows": [row], "result": result,
+        }, indent=2))
+        return
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     record["pair"] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)

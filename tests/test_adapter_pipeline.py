@@ -16,30 +16,18 @@ from typer.testing import CliRunner
 from adapter.cli import register, train_from_recipe
 from adapter.model import SURAdapter
 from adapter.pipeline import compare, generate, load_adapter, load_pipeline
-from adapter.tiny import write_tiny_dataset, write_tiny_sd, write_tiny_teacher
+from adapter.tiny import write_tiny_dataset, write_tiny_world
 from surd.errors import SurdError
 
 DIM = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is faster and far steadier under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapter-cli")
-    return {
-        "sd": write_tiny_sd(root / "sd", text_dim=DIM),
-        "llm": write_tiny_teacher(root / "llm"),
-        "run": write_tiny_dataset(root / "run", n=10),
-        "root": root,
-    }
+    return write_tiny_world(tmp_path_factory.mktemp("adapter-cli"), text_dim=DIM, n=10)
 
 
 @pytest.fixture(scope="module")
