@@ -218,7 +218,7 @@ class ClipScorer:
         step = self.config.inference_batch_size
         for start in range(0, len(texts), step):
             tokens = self._tokenizer(texts[start : start + step]).to(self.device)
-            out.extend(self._model.encode_text(tokens, normalize=True).float().cpu().numpy())
+            out.extend(encode_text_trimmed(self._model, tokens).float().cpu().numpy())
         return out
 
     def _too_long(self, text: str) -> bool:
@@ -342,3 +342,30 @@ def write_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     model = open_clip.CLIP(**model_cfg)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return out
+
+
+def encode_text_trimmed(model: Any, tokens: Any) -> Any:
+    """`model.encode_text(tokens, normalize=True)` without the padding after the batch's longest prompt.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so the padded tail of the 77-token
+    context never influences the result; prompts use a fraction of it, so this skips most text compute.
+    Other text towers (non-causal, other pooling) take the library's own path.
+    """
+    import open_clip
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    mask = getattr(model, "attn_mask", None)
+    if not (isinstance(model, open_clip.model.CLIP) and mask is not None
+            and getattr(model, "text_pool_type", None) == "argmax"):
+        return model.encode_text(tokens, normalize=True)
+    length = max(int((tokens != 0).sum(dim=1).max()), 1)  # pad id 0; the end-of-text token is the largest id
+    text = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=mask[:length, :length]))
+    x = text_global_pool(x, text, "argmax")
+    if model.text_projection is not None:
+        proj = model.text_projection
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return torch.nn.functional.normalize(x, dim=-1)

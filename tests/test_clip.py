@@ -190,3 +190,20 @@ def test_saved_embeddings_are_written_per_shard_by_the_executor(tiny_clip: Path,
         assert side.column("id").to_pylist() == [r["id"] for r in batch[4 * k : 4 * k + 4]]
     # Side files are not kept-row shards: the stage still has exactly its two shards.
     assert shards.shard_names(run / "score") == ["part-00000", "part-00001"]
+
+
+def test_trimmed_text_encoding_equals_open_clips_full_context(tiny_clip: Path) -> None:
+    from surd.clip import encode_text_trimmed
+
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_clip}")
+    model.eval()
+    texts = ["a cat", "masterpiece, best quality, a red car on a rainy street at night, neon, 8k", "x " * 90]
+    tokens = tokenizer(texts)
+    with torch.no_grad():
+        full = model.encode_text(tokens, normalize=True)
+        trimmed = encode_text_trimmed(model, tokens)
+        # the short prompts alone: a shorter batch is trimmed further and must still agree
+        short = encode_text_trimmed(model, tokens[:1])
+    assert torch.allclose(trimmed, full, atol=1e-5)
+    assert torch.allclose(short, full[:1], atol=1e-5)
