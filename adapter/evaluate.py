@@ -249,7 +249,8 @@ EXPAND_TEMPLATE = Path(__file__).parent / "templates" / "expand-v1.yaml"
 
 def expand_prompts(config: EvalConfig, prompts: list[str], out: Path) -> dict[str, str]:
     """LLM expansions of `prompts` (greedy, cached in OUT/llm-cache.sqlite); prompts that failed are left out."""
-    from surd.llm import LLMError, OpenAILLM, RequestCache, Sampling, TransformersLLM, cache_key, load_template
+    from surd.llm import LLMError, RequestCache, Sampling, TransformersLLM, cache_key, load_template
+    from surd.llm_openai import OpenAILLM
 
     assert config.llm is not None
     template = load_template(str(EXPAND_TEMPLATE))

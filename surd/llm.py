@@ -4,8 +4,9 @@ Backends take chat conversations (lists of `{"role", "content"}` messages) and r
 completions per conversation:
 
 - `TransformersLLM`: any causal LM by hub id, folder or GGUF file (`surd.models.resolve_llm`), the
-  tokenizer's chat template, batched `generate` with left padding;
-- `OpenAILLM`: any OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp server, Ollama,
+  tokenizer's chat template, batched `generate` with left padding, and the keys/values of the prompt head
+  shared by every row (system prompt + few-shot turns) computed once and reused (`prefix_cache`);
+- `OpenAILLM` (`surd/llm_openai.py`): any OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp server, Ollama,
   TGI) with a concurrency limit, timeouts and retries; the API key comes from an environment variable.
 
 Both are picklable before `setup()` (models and HTTP clients are created there, in the worker).
@@ -15,11 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sqlite3
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -172,19 +169,28 @@ def torch_device(device: str) -> str:
 
 
 class TransformersLLM:
-    """A local causal LM through transformers; fp16 on GPU, fp32 on CPU."""
+    """A local causal LM through transformers; fp16 on GPU, fp32 on CPU.
 
-    def __init__(self, model: str, device: str = "auto", batch_size: int = 16) -> None:
+    `prefix_cache=False` turns off the shared-prefix KV cache (outputs are the same either way).
+    """
+
+    MIN_PREFIX = 8  # shorter shared prefixes are not worth a cache
+    MAX_PREFIXES = 4  # cached prefixes per backend (one per template in practice)
+
+    def __init__(self, model: str, device: str = "auto", batch_size: int = 16, prefix_cache: bool = True) -> None:
         self.spec = model
         self.label = model_label(model)
         self.device = device
         self.batch_size = batch_size
+        self.prefix_cache = prefix_cache
         self.calls = 0  # generate() calls, for stats and tests
+        self.prefix_builds = 0  # prefix KV caches computed, for stats and tests
         self._model: Any = None
         self._tokenizer: Any = None
+        self._prefixes: dict[tuple[int, ...], list[tuple[Any, Any]]] = {}  # prefix ids -> per-layer (keys, values)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_model": None, "_tokenizer": None}
+        return {**self.__dict__, "_model": None, "_tokenizer": None, "_prefixes": {}}
 
     def setup(self) -> None:
         if self._model is not None:
@@ -224,117 +230,122 @@ class TransformersLLM:
         sample = sampling.temperature > 0
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
             with torch.random.fork_rng(devices=devices), torch.inference_mode():
+                inputs = self._prefixed_inputs(conversations[start : start + len(chunk)], chunk, n)
+                if inputs is None:
+                    enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                    inputs = dict(enc.to(self.device))
+                prompt_length = inputs["input_ids"].shape[1]
                 torch.manual_seed(sampling.seed)  # reproducible sampling without touching the caller's RNG
                 extra = {"temperature": sampling.temperature, "top_p": sampling.top_p} if sample else {}
                 generated = model.generate(
-                    **enc, do_sample=sample, num_return_sequences=n, max_new_tokens=sampling.max_new_tokens,
+                    **inputs, do_sample=sample, num_return_sequences=n, max_new_tokens=sampling.max_new_tokens,
                     pad_token_id=tok.pad_token_id, **extra,
                 )
             self.calls += 1
-            decoded = tok.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            decoded = tok.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
             out.extend(decoded[i * n : (i + 1) * n] for i in range(len(chunk)))
         return out
 
+    # Shared-prefix KV cache: the system prompt and few-shot turns are the same for every row, so their keys and
+    # values are computed once and reused. A batch is laid out as [prefix][padding][row suffix] with the padding
+    # masked out; positions follow the mask (generate derives them from its cumsum), so every row sees exactly the
+    # tokens and positions of its unpadded prompt, as with plain left padding.
 
-class OpenAILLM:
-    """An OpenAI-compatible chat-completions endpoint: one request per candidate, `concurrency` in flight."""
+    def _prefixed_inputs(self, conversations: list[Conversation], texts: list[str], n: int) -> dict[str, Any] | None:
+        """`generate` kwargs that reuse a cached prefix, or None to fall back to plain left padding."""
+        import torch
+        from transformers import DynamicCache
 
-    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+        if not self.prefix_cache:
+            return None
+        tok = self._tokenizer
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        head = self._shared_prefix(conversations[0], ids)
+        layers = None if head is None else self._prefix_layers(head)
+        if head is None or layers is None:
+            return None
+        # this batch's rows may share more than the template head (the user turn's fixed text, common tags):
+        # those tokens are computed once here, at batch size 1, instead of once per row
+        common = min(len(row) for row in ids) - 1
+        for row in ids[1:]:
+            common = next((i for i in range(len(head), common) if row[i] != ids[0][i]), common)
+        prefix = ids[0][:common]
+        if common > len(head):
+            layers = self._extend(layers, prefix[len(head) :])
+        rows = len(ids) * n
+        # expanded views, no copies: the cache concatenates new tokens into fresh tensors, leaving these untouched
+        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers]
+        cache = DynamicCache(data, config=self._model.config)
+        suffixes = [row[len(prefix) :] for row in ids]
+        width = max(len(s) for s in suffixes)
+        pad = tok.pad_token_id
+        input_ids = [list(prefix) + [pad] * (width - len(s)) + s for s in suffixes]
+        mask = [[1] * len(prefix) + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
+        return {"input_ids": torch.tensor(input_ids, device=self.device),
+                "attention_mask": torch.tensor(mask, device=self.device), "cache": cache}
 
-    def __init__(self, model: str, base_url: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 concurrency: int = 8, timeout_s: float = 60.0, retries: int = 4, backoff_s: float = 0.5) -> None:
-        self.label = model
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.api_key_env = api_key_env
-        self.concurrency, self.timeout_s, self.retries, self.backoff_s = concurrency, timeout_s, retries, backoff_s
-        self.calls = 0  # HTTP requests sent, retries included
-        self._client: Any = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock: threading.Lock | None = None
+    def _shared_prefix(self, conversation: Conversation, ids: list[list[int]]) -> tuple[int, ...] | None:
+        """Token ids every prompt starts with: a cached prefix if one fits, else the conversation before its last turn.
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_pool": None, "_lock": None}
+        Always leaves at least one token per row outside the prefix: generate needs a new token to predict from.
+        """
+        shortest = min(len(row) for row in ids)
+        for prefix in self._prefixes:
+            if len(prefix) < shortest and all(tuple(row[: len(prefix)]) == prefix for row in ids):
+                return prefix
+        if len(conversation) < 2:
+            return None
+        head = self._render_head(conversation[:-1])
+        candidate = self._tokenizer(head, add_special_tokens=False)["input_ids"]
+        length = min(len(candidate), shortest - 1)
+        for row in ids:  # only the tokens the prompts really share: tokenisation at the boundary may differ
+            length = next((i for i in range(length) if row[i] != candidate[i]), length)
+        return tuple(candidate[:length]) if length >= self.MIN_PREFIX else None
 
-    def setup(self) -> None:
-        if self._client is not None:
-            return
-        import os
+    def _render_head(self, conversation: Conversation) -> str:
+        tok = self._tokenizer
+        if tok.chat_template:
+            return tok.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in conversation)
 
-        import httpx
+    def _prefix_layers(self, prefix: tuple[int, ...]) -> list[tuple[Any, Any]] | None:
+        """Per-layer (keys, values) of a template head, computed on first use; None if the model cannot reuse them."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
-        headers = {}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._client = httpx.Client(headers=headers, timeout=self.timeout_s, limits=limits)
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="surd-llm")
-        self._lock = threading.Lock()
+        layers = self._prefixes.get(prefix)
+        if layers is None:
+            cache = DynamicCache(config=self._model.config)
+            # sliding-window or recurrent layers cannot hold a prefix for later reuse this way: plain path instead
+            if any(type(layer) is not DynamicLayer for layer in cache.layers) or any(cache.is_linear):
+                return None
+            self._forward(list(prefix), cache)
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            if len(self._prefixes) >= self.MAX_PREFIXES:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[prefix] = layers
+            self.prefix_builds += 1
+        return layers
 
-    def generate(self, conversations: list[Conversation], n: int, sampling: Sampling) -> list[list[str] | LLMError]:
-        self.setup()
-        assert self._pool is not None
-        futures = [[self._pool.submit(self._complete, c, sampling, sampling.seed + j) for j in range(n)]
-                   for c in conversations]
-        out: list[list[str] | LLMError] = []
-        for row in futures:
-            try:
-                out.append([f.result() for f in row])
-            except LLMError as e:
-                out.append(e)
-        return out
+    def _extend(self, layers: list[tuple[Any, Any]], ids: list[int]) -> list[tuple[Any, Any]]:
+        """The keys/values of `layers` followed by `ids` (positions continue after the cached ones)."""
+        from transformers import DynamicCache
 
-    def _complete(self, conversation: Conversation, sampling: Sampling, seed: int) -> str:
-        import httpx
+        cache = DynamicCache(list(layers), config=self._model.config)  # copies: the stored head stays as it is
+        self._forward(ids, cache)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
-        body = {"model": self.label, "messages": conversation, "temperature": sampling.temperature,
-                "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens, "seed": seed, "n": 1}
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self._delay(attempt, problem))
-            with self._lock:  # type: ignore[union-attr]
-                self.calls += 1
-            try:
-                response = self._client.post(self.url, json=body)
-            except httpx.TimeoutException:
-                problem = f"timeout after {self.timeout_s}s"
-                continue
-            except httpx.TransportError as e:
-                problem = f"{type(e).__name__}: {e}"
-                continue
-            if response.status_code in (401, 403, 404):
-                # configuration errors: every row would fail the same way, so stop the stage with a clear message
-                raise StageError(f"pair: {self.url} answered HTTP {response.status_code} "
-                                 f"(check base_url, model {self.label!r} and the key in ${self.api_key_env})")
-            if response.status_code in self.RETRY_STATUS:
-                problem = f"HTTP {response.status_code}"
-                retry_after = response.headers.get("retry-after", "")
-                if retry_after.replace(".", "", 1).isdigit():
-                    problem += f" retry-after={retry_after}"
-                continue
-            if response.status_code >= 400:
-                raise LLMError(f"HTTP {response.status_code}: {response.text[:200]}")
-            try:
-                content = response.json()["choices"][0]["message"]["content"]
-                if not isinstance(content, str):
-                    raise TypeError(f"content is {type(content).__name__}")
-                return content
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                problem = f"malformed reply ({type(e).__name__}: {e})"
-        raise LLMError(f"{self.retries + 1} attempts failed; last: {problem}")
+    def _forward(self, ids: list[int], cache: Any) -> None:
+        """Fill `cache` with one row of tokens; only the keys/values matter, so skip the vocabulary projection."""
+        import inspect
 
-    def _delay(self, attempt: int, problem: str) -> float:
-        if "retry-after=" in problem:
-            return min(float(problem.rsplit("=", 1)[1]), 60.0)
-        # exponential backoff with jitter, so many workers hitting one server do not retry in lockstep
-        return min(self.backoff_s * 2 ** (attempt - 1), 30.0) * (0.5 + random.random() / 2)
+        import torch
 
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
+        self._model(input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True, **extra)
 
-# ---------------------------------------------------------------- tiny model for tests and the demo
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -342,8 +353,11 @@ CHATML = (
 )
 
 
-def write_tiny_llm(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random LlamaForCausalLM plus a byte-level BPE tokenizer with a chat template, all offline."""
+def write_tiny_llm(out_dir: str | Path, seed: int = 0, init_std: float = 0.02) -> Path:
+    """A tiny random LlamaForCausalLM plus a byte-level BPE tokenizer with a chat template, all offline.
+
+    A larger `init_std` gives peakier logits, so greedy outputs vary with the input (tests of exactness).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -364,6 +378,7 @@ def write_tiny_llm(out_dir: str | Path, seed: int = 0) -> Path:
     config = LlamaConfig(
         vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        initializer_range=init_std,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from surd.llm import LLMError, OpenAILLM, RequestCache, Sampling, TransformersLLM, cache_key, load_template
+from surd.llm import LLMError, RequestCache, Sampling, TransformersLLM, cache_key, load_template
+from surd.llm_openai import OpenAILLM
 from surd.rows import Drop, StageConfig
 
 DEFAULT_BANNED = [
@@ -57,6 +58,8 @@ class PairConfig(StageConfig):
     cache_path: str | None = Field(None, description="SQLite request cache; e.g. ${out}/_cache/pair.sqlite")
     device: str = Field("auto", description="transformers backends: auto, cpu, cuda, cuda:1, ...")
     llm_batch_size: int = Field(16, ge=1, description="prompts per transformers generate() call")
+    prefix_cache: bool = Field(True, description="transformers backend: reuse the keys/values of the prompt head "
+                               "shared by every row (same outputs, faster)")
     base_url: str = Field("http://127.0.0.1:8000/v1", description="openai backend: the API base, ending in /v1")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the API key (none: no key)")
     concurrency: int = Field(8, ge=1, le=256, description="openai backend: requests in flight")
@@ -121,7 +124,8 @@ class Pairer:
         self.llm: TransformersLLM | OpenAILLM | None = None
         if self.template is not None:
             if config.backend == "transformers":
-                self.llm = TransformersLLM(config.model, config.device, config.llm_batch_size)
+                self.llm = TransformersLLM(config.model, config.device, config.llm_batch_size,
+                                           prefix_cache=config.prefix_cache)
             else:
                 self.llm = OpenAILLM(config.model, config.base_url, config.api_key_env, config.concurrency,
                                      config.timeout_s, config.http_retries)

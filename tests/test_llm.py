@@ -10,7 +10,8 @@ import pytest
 from openai_server import FakeOpenAI
 
 from surd.errors import StageError, SurdError
-from surd.llm import LLMError, OpenAILLM, RequestCache, Sampling, TransformersLLM, load_template, write_tiny_llm
+from surd.llm import LLMError, RequestCache, Sampling, TransformersLLM, load_template, write_tiny_llm
+from surd.llm_openai import OpenAILLM
 
 KEYWORDS = ["masterpiece, 1girl, red dress, garden, 8k", "two dogs running on a beach, sunset, highly detailed"]
 
