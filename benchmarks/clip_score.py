@@ -1,7 +1,7 @@
 """Score-stage throughput: the batched stage vs a naive one-image-at-a-time loop, and the fraction of
 this machine's compute-bound rate it reaches, for a ViT-B-32-sized open_clip model (random weights).
 
-    python benchmarks/clip_score.py [--quick] [--rows N] [--out docs/benchmarks-models.json]
+    python benchmarks/clip_score.py [--quick] [--rows N] [--out bench-out/models.json] [--json PATH]
 
 Compute-bound rate: model FLOPs per row (one image + keyword + candidates as the stage computes them,
 counted by torch's FlopCounterMode) x rows/s, divided by a measured fp32 matmul rate (2048^3 GEMMs) on the same threads.
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader decode processes")
     parser.add_argument("--batch", type=int, default=32, help="inference_batch_size")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds (best counts)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-models.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "models.json")
     parser.add_argument("--json", type=Path, default=None, help="write the run_all.py row format here instead")
     args = parser.parse_args()
     n = args.rows or (32 if args.quick else 128)

