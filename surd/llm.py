@@ -6,8 +6,8 @@ completions per conversation:
 - `TransformersLLM`: any causal LM by hub id, folder or GGUF file (`surd.models.resolve_llm`), the
   tokenizer's chat template, batched `generate` with left padding, and the keys/values of the prompt head
   shared by every row (system prompt + few-shot turns) computed once and reused (`prefix_cache`);
-- `OpenAILLM` (`surd/llm_openai.py`): any OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp server, Ollama,
-  TGI) with a concurrency limit, timeouts and retries; the API key comes from an environment variable.
+- `OpenAILLM` (`surd/llm_openai.py`): any OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp
+  server, Ollama, TGI) with a concurrency limit, timeouts and retries; the API key comes from an environment variable.
 
 Both are picklable before `setup()` (models and HTTP clients are created there, in the worker).
 """
@@ -232,7 +232,8 @@ class TransformersLLM:
             chunk = texts[start : start + self.batch_size]
             devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
             with torch.random.fork_rng(devices=devices), torch.inference_mode():
-                inputs = self._prefixed_inputs(conversations[start : start + len(chunk)], chunk, n)
+                inputs = self._prefixed_inputs(conversations[start : start + len(chunk)], chunk, n,
+                                               sampling.max_new_tokens)
                 if inputs is None:
                     enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
                     inputs = dict(enc.to(self.device))
@@ -253,10 +254,12 @@ class TransformersLLM:
     # masked out; positions follow the mask (generate derives them from its cumsum), so every row sees exactly the
     # tokens and positions of its unpadded prompt, as with plain left padding.
 
-    def _prefixed_inputs(self, conversations: list[Conversation], texts: list[str], n: int) -> dict[str, Any] | None:
+    def _prefixed_inputs(self, conversations: list[Conversation], texts: list[str], n: int,
+                         max_new_tokens: int) -> dict[str, Any] | None:
         """`generate` kwargs that reuse a cached prefix, or None to fall back to plain left padding."""
         import torch
-        from transformers import DynamicCache
+
+        from surd.llm_cache import preallocated_cache
 
         if not self.prefix_cache:
             return None
@@ -274,12 +277,10 @@ class TransformersLLM:
         prefix = ids[0][:common]
         if common > len(head):
             layers = self._extend(layers, prefix[len(head) :])
-        rows = len(ids) * n
-        # expanded views, no copies: the cache concatenates new tokens into fresh tensors, leaving these untouched
-        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers]
-        cache = DynamicCache(data, config=self._model.config)
         suffixes = [row[len(prefix) :] for row in ids]
         width = max(len(s) for s in suffixes)
+        # copied into buffers with room for the whole generation, so decode steps write in place (no per-step cat)
+        cache = preallocated_cache(layers, len(ids) * n, len(prefix) + width + max_new_tokens, self._model.config)
         pad = tok.pad_token_id
         input_ids = [list(prefix) + [pad] * (width - len(s)) + s for s in suffixes]
         mask = [[1] * len(prefix) + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]

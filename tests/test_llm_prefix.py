@@ -81,3 +81,23 @@ def test_rows_sharing_more_than_the_template_head_match_too(peaky_llm: Path) -> 
     for batch in (same_start, conversations(), same_start):
         assert cached.generate(batch, 1, greedy) == plain.generate(batch, 1, greedy)
     assert cached.prefix_builds == 1
+
+
+def test_preallocated_layer_holds_what_concatenation_would_and_grows_past_its_capacity() -> None:
+    import torch
+
+    from surd.llm_cache import PreallocatedLayer
+
+    head_k, head_v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    layer = PreallocatedLayer(head_k.expand(3, -1, -1, -1), head_v.expand(3, -1, -1, -1), capacity=7)
+    expected_k, expected_v = head_k.expand(3, -1, -1, -1), head_v.expand(3, -1, -1, -1)
+    for new in (2, 1, 1, 3):  # 5 + 2 fills the buffer exactly; the next token forces it to grow
+        k, v = torch.randn(3, 2, new, 4), torch.randn(3, 2, new, 4)
+        got_k, got_v = layer.update(k, v)
+        expected_k, expected_v = torch.cat([expected_k, k], -2), torch.cat([expected_v, v], -2)
+        assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
+        assert layer.get_seq_length() == expected_k.shape[-2]
+    assert torch.equal(head_k, layer.keys[1:2, :, :5])  # the stored head is copied, never written to
+    layer.batch_select_indices(torch.tensor([0, 2]))  # generate may reassign the tensors; updates must still fit
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    assert torch.equal(layer.update(k, v)[0], torch.cat([expected_k[[0, 2]], k], -2))
