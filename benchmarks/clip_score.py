@@ -28,6 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import write_rows  # noqa: E402
+
 from surd.clip import ScoreConfig  # noqa: E402
 
 K = 2  # narrative candidates per row
@@ -150,12 +152,9 @@ def main() -> None:
              "baseline": None, "baseline_name": f"{wall['matmul_gflops_per_s']} GFLOP/s measured matmul",
              "ratio": wall["fraction_of_compute_bound"], "target": 0.5},
         ]
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "title": "score stage (open_clip) vs a naive per-image loop",
-            "workload": f"{n} rows, {K} candidates each, ViT-B-32-sized random model, fp32 CPU, best of {rounds}",
-            "rows": rows, "result": result,
-        }, indent=2))
+        write_rows(args.json, title="score stage (open_clip) vs a naive per-image loop",
+                   workload=f"{n} rows, {K} candidates each, ViT-B-32-sized random model, fp32 CPU, best of {rounds}",
+                   rows=rows, result=result)
         return
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     record["clip_score"] = result

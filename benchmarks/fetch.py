@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import write_rows  # noqa: E402
+
 from pipelines.local import run_stage
 from surd import shards
 from surd.fetch import FetchConfig
@@ -146,13 +148,10 @@ def main() -> None:
         return
     row = {"metric": "images/s", "ours": result["surd_images_per_s"], "baseline": result["img2dataset_images_per_s"],
            "baseline_name": "img2dataset", "ratio": result["ratio"], "target": 1.2, "unit": "images/s"}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "title": "fetch: surd vs img2dataset, same URLs and concurrency, no resizing",
-        "workload": f"{args.images} {args.size}px JPEGs from a loopback server, concurrency {args.concurrency}, "
-                    f"median of {args.repeats} back-to-back pairs",
-        "rows": [row], "result": result,
-    }, indent=2))
+    write_rows(args.json, title="fetch: surd vs img2dataset, same URLs and concurrency, no resizing",
+               workload=f"{args.images} {args.size}px JPEGs from a loopback server, concurrency {args.concurrency}, "
+                        f"median of {args.repeats} back-to-back pairs",
+               rows=[row], result=result)
 
 
 def write_report(out: Path, result: dict) -> None:

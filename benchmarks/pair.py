@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _report import write_rows  # noqa: E402
+
 from surd.pairing import PairConfig  # noqa: E402
 from surd.rows import Drop  # noqa: E402
 
@@ -76,13 +78,10 @@ def main() -> None:
         row = {"metric": f"pair rows/s at batch {args.batch}", "ours": result["batched_rows_per_s"],
                "baseline": result["one_at_a_time_rows_per_s"], "baseline_name": "one row at a time",
                "target": 3, "unit": "rows/s"}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "title": "pair stage: batched generation vs one row at a time, same model",
-            "workload": f"{args.rows} rows, {args.model}, {tokens} new tokens, greedy; "
-                        f"identical outputs: {result['same_outputs']}",
-            "rows": [row], "result": result,
-        }, indent=2))
+        write_rows(args.json, title="pair stage: batched generation vs one row at a time, same model",
+                   workload=f"{args.rows} rows, {args.model}, {tokens} new tokens, greedy; "
+                            f"identical outputs: {result['same_outputs']}",
+                   rows=[row], result=result)
         return
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     record["pair"] = result

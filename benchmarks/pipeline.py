@@ -9,12 +9,13 @@ Each configuration runs into a fresh run folder, so nothing is resumed from a pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import time
 from pathlib import Path
+
+from _report import write_rows  # noqa: E402
 
 from pipelines.collect import collect
 from pipelines.local import run_stage
@@ -73,14 +74,9 @@ def main() -> None:
              "target": "reported (issue 2)"}
             for stage in ("collect", "clean")
         ]
-        report = {
-            "title": "surd run on a folder of small images: collect and clean",
-            "workload": f"{n} PNGs 64-128 px with A1111 metadata, {args.rows_per_shard} rows per shard",
-            "rows": rows,
-            "results": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_rows(args.json, title="surd run on a folder of small images: collect and clean",
+                   workload=f"{n} PNGs 64-128 px with A1111 metadata, {args.rows_per_shard} rows per shard",
+                   rows=rows, results=results)
 
 
 if __name__ == "__main__":

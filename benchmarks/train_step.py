@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from _report import write_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -263,11 +264,8 @@ def main() -> None:
     table = markdown(results, header)
     print(table)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "title": "adapter training step: cached latents/text vs recomputing them every step",
-            "workload": header, "rows": ratio_rows(results), "header": header, "results": results,
-        }, indent=2))
+        write_rows(args.json, title="adapter training step: cached latents/text vs recomputing them every step",
+                   workload=header, rows=ratio_rows(results), header=header, results=results)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table)
