@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _report import write_rows  # noqa: E402
+from _report import merge_record, write_rows  # noqa: E402
 
 from surd.clip import ScoreConfig  # noqa: E402
 
@@ -156,10 +156,7 @@ def main() -> None:
                    workload=f"{n} rows, {K} candidates each, ViT-B-32-sized random model, fp32 CPU, best of {rounds}",
                    rows=rows, result=result)
         return
-    record = json.loads(args.out.read_text()) if args.out.exists() else {}
-    record["clip_score"] = result
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    merge_record(args.out, "clip_score", result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _report import write_rows  # noqa: E402
+from _report import merge_record, write_rows  # noqa: E402
 
 from surd.pairing import PairConfig  # noqa: E402
 from surd.rows import Drop  # noqa: E402
@@ -83,10 +83,7 @@ def main() -> None:
                             f"identical outputs: {result['same_outputs']}",
                    rows=[row], result=result)
         return
-    record = json.loads(args.out.read_text()) if args.out.exists() else {}
-    record["pair"] = result
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    merge_record(args.out, "pair", result)
 
 
 if __name__ == "__main__":

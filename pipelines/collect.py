@@ -13,7 +13,6 @@ import hashlib
 import json
 import multiprocessing
 import time
-from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -50,14 +49,10 @@ def _split(items: list[Any], source: str) -> tuple[list[dict], list[dict]]:
 
 
 def _commit(stage_dir: Path, rel: str, items: list[Any], source: str, seconds: float) -> dict[str, Any]:
-    kept, dropped = _split(items, source)
-    stats = {
-        "in": len(items),
-        "kept": len(kept),
-        "dropped": dict(Counter(d["drop_reason"] for d in dropped)),
-        "seconds": round(seconds, 4),
-    }
-    shards.commit_shard(stage_dir, rel, from_rows(kept, SCHEMA), from_rows(dropped, DROPPED_SCHEMA), stats)
+    kept_rows, dropped_rows = _split(items, source)
+    kept, dropped = from_rows(kept_rows, SCHEMA), from_rows(dropped_rows, DROPPED_SCHEMA)
+    stats = shards.shard_stats(len(items), kept.num_rows, dropped, seconds)
+    shards.commit_shard(stage_dir, rel, kept, dropped, stats)
     return stats
 
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,13 +104,8 @@ def export(
         files = {split: writer.finalise() for split, writer in writers.items()}
         counts = {split: writer.rows for split, writer in writers.items()}
         dropped = pa.concat_tables(dropped_parts) if dropped_parts else DROPPED_SCHEMA.empty_table()
-        stats = {
-            "in": n_in,
-            "kept": sum(counts.values()),
-            "dropped": dict(Counter(dropped.column("drop_reason").to_pylist())),
-            "seconds": round(time.perf_counter() - start, 4),
-            "counters": {f"rows_{split}": n for split, n in counts.items()},
-        }
+        stats = shards.shard_stats(n_in, sum(counts.values()), dropped, time.perf_counter() - start,
+                                   {f"rows_{split}": n for split, n in counts.items()})
         # Stats first: the card reports this stage's drops too.
         shards.commit_shard(stage_dir, "export", SCHEMA.empty_table(), dropped, stats)
         card = dataset_card(run_dir, files, counts, recipe_name=recipe_name, input_stage=source)

@@ -7,9 +7,9 @@ marker exists, so a run killed at any moment resumes with nothing lost and nothi
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
-from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +48,6 @@ def _check_input(out: Path, source: str, names: list[str]) -> None:
     path = out / INPUT_FILE
     record = {"input_stage": source, "shards": names}
     if path.exists():
-        import json
-
         previous = json.loads(path.read_text())
         if previous != record:
             raise StageError(
@@ -78,13 +76,8 @@ def process_shard(stage: Stage, src: Path, out: Path, rel: str, on_rows: Any = N
     kept = pa.concat_tables(kept_parts) if kept_parts else SCHEMA.empty_table()
     dropped = pa.concat_tables(dropped_parts) if dropped_parts else DROPPED_SCHEMA.empty_table()
     after = stage.counters()
-    stats = {
-        "in": n_in,
-        "kept": kept.num_rows,
-        "dropped": dict(Counter(dropped.column("drop_reason").to_pylist())),
-        "seconds": round(time.perf_counter() - start, 4),
-        "counters": {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)},
-    }
+    counters = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    stats = shards.shard_stats(n_in, kept.num_rows, dropped, time.perf_counter() - start, counters)
     # Side outputs (e.g. saved embeddings) land before the marker, so a done shard always has them.
     for side_name, table in stage.take_side_tables().items():
         shards.write_table(shards.side_path(out, side_name, rel), table)

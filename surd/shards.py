@@ -126,6 +126,19 @@ def is_done(stage_dir: Path, rel: str) -> bool:
     return marker_path(stage_dir, rel).exists()
 
 
+def shard_stats(
+    rows_in: int, kept: int, dropped: pa.Table, seconds: float, counters: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """One shard's stats record, as `stage_stats` sums them; drop reasons are counted from `dropped`."""
+    reasons: dict[str, int] = {}
+    for reason in dropped.column("drop_reason").to_pylist():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    stats: dict[str, Any] = {"in": rows_in, "kept": kept, "dropped": reasons, "seconds": round(seconds, 4)}
+    if counters:
+        stats["counters"] = counters
+    return stats
+
+
 def commit_shard(stage_dir: Path, rel: str, kept: pa.Table, dropped: pa.Table, stats: dict[str, Any]) -> None:
     """Write one output shard, its dropped rows and stats, then its marker (last)."""
     write_table(shard_path(stage_dir, rel), kept.cast(SCHEMA) if kept.schema != SCHEMA else kept)
