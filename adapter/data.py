@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from adapter.cache import TensorCache, cache_key, fingerprint, model_fingerprint, sha256_bytes, sha256_text
+from surd import layout
 from surd.errors import SurdError
 
 COLUMNS = ["id", "image", "keyword_prompt", "narrative_prompt", "split"]
@@ -42,9 +43,9 @@ class Sample:
 def resolve_dataset(path: Path) -> Path:
     """The dataset folder (the one holding data/*.parquet) for a dataset folder or a run folder."""
     path = Path(path)
-    for candidate in (path / "surd", path):
-        if any((candidate / "data").glob("*.parquet")):
-            return candidate
+    found = layout.find_dataset(path)
+    if found is not None:
+        return found
     raise SurdError(f"--data {path}: no SURD dataset found (expected {path}/surd/data/*.parquet "
                     f"from `surd export`, or {path}/data/*.parquet)")
 

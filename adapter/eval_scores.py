@@ -15,46 +15,28 @@ import torch
 from PIL import Image
 
 from surd.errors import SurdError
+from surd.models import OpenClip, load_open_clip
 
 TEXT_TEMPLATE = "a photo of {}"
 
 
-def _load_open_clip(spec: str, device: str) -> tuple[Any, Any, Any, str]:
-    """(model, preprocess, tokenizer, label) from a checkpoint folder or `NAME/PRETRAINED`.
-
-    As in the score stage (surd/clip.py): a folder holds open_clip_config.json + weights; PRETRAINED is an
-    open_clip tag or a checkpoint file (`ViT-L-14//data/clip.bin`). Tags download only when the hub is reachable.
-    """
-    import open_clip
-
-    from surd.clip import model_label
-
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "open_clip_config.json").is_file():
-            raise SurdError(f"--clip {spec}: folder has no open_clip_config.json")
-        name, pretrained = f"local-dir:{path}", None
-        label = model_label(str(path), None)
-    else:
-        name, sep, pretrained = spec.partition("/")
-        if not sep or not pretrained:
-            raise SurdError(f"--clip {spec!r}: expected an open_clip folder or NAME/PRETRAINED (e.g. ViT-L-14/openai)")
-        label = model_label(name, pretrained)
-    precision = "fp16" if device.startswith("cuda") else "fp32"
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, precision=precision, weights_only=True)
-        return model, preprocess, open_clip.get_tokenizer(name), label
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise SurdError(f"--clip {spec!r}: cannot load the CLIP model ({type(e).__name__}: {e})") from None
+def _load_open_clip(spec: str, device: str) -> OpenClip:
+    """A checkpoint folder or `NAME/PRETRAINED` (`ViT-L-14/openai`, `ViT-L-14//data/clip.bin`), as the score stage."""
+    if Path(spec).expanduser().is_dir():
+        return load_open_clip(spec, None, device, what="--clip")
+    name, sep, pretrained = spec.partition("/")
+    if not sep or not pretrained:
+        raise SurdError(f"--clip {spec!r}: expected an open_clip folder or NAME/PRETRAINED (e.g. ViT-L-14/openai)")
+    return load_open_clip(name, pretrained, device, what="--clip")
 
 
-class ClipScorer:
+class ClipEvalScorer:
     """Normalised image and text embeddings, texts cached (probe alternatives repeat across images)."""
 
     def __init__(self, spec: str, device: str = "cpu", batch_size: int = 32) -> None:
-        self.model, self.preprocess, self.tokenizer, self.label = _load_open_clip(spec, device)
-        self.model = self.model.eval()
+        clip = _load_open_clip(spec, device)
+        self.model, self.preprocess, self.tokenizer = clip.model, clip.preprocess, clip.tokenizer
+        self.label = clip.label
         self.device, self.batch_size = device, batch_size
         self.dtype = next(self.model.parameters()).dtype
         self.logit_scale = float(self.model.logit_scale.exp().item())
@@ -84,7 +66,7 @@ class ClipScorer:
             return self.preprocess(image.convert("RGB"))
 
 
-def score_images(scorer: ClipScorer, records: list[dict[str, Any]], bar: Any = None) -> list[dict[str, Any]]:
+def score_images(scorer: ClipEvalScorer, records: list[dict[str, Any]], bar: Any = None) -> list[dict[str, Any]]:
     """Add `clip_narrative`, `clip_keyword` and, for probes, `probe_choice`, `probe_correct`, `p_correct`.
 
     Each record names its image file (`path`), its narrative `prompt`, optional `keyword_prompt`,
@@ -101,7 +83,7 @@ def score_images(scorer: ClipScorer, records: list[dict[str, Any]], bar: Any = N
     return scored
 
 
-def _scores(scorer: ClipScorer, record: dict[str, Any], image: torch.Tensor) -> dict[str, Any]:
+def _scores(scorer: ClipEvalScorer, record: dict[str, Any], image: torch.Tensor) -> dict[str, Any]:
     out: dict[str, Any] = {"clip_narrative": float(scorer.text_features([record["prompt"]])[0] @ image)}
     keyword = record.get("keyword_prompt")
     out["clip_keyword"] = float(scorer.text_features([keyword])[0] @ image) if keyword else None

@@ -23,37 +23,15 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
-from adapter.probes import PROBE_SETS, load_probes
+from adapter.config import EvalConfig
+from adapter.probes import load_probes
+from surd import layout
 from surd.errors import SurdError
+from surd.models import resolve_device
 from surd.shards import atomic_write_bytes
 
 IMAGES = "images"
-
-
-class EvalConfig(BaseModel):
-    """Everything that decides which images are made and how they are scored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
-    adapter: Path = Field(..., description="a `surd train` run folder (adapter.safetensors + adapter_config.json)")
-    clip: str = Field(..., description="CLIP for scoring: an open_clip folder, or NAME/PRETRAINED (tag or file)")
-    data: Path | None = Field(None, description="run folder holding the exported dataset (DIR/surd/data/*.parquet)")
-    probes: list[str] = Field(default_factory=lambda: list(PROBE_SETS), description="probe sets or YAML files")
-    limit: int | None = Field(None, ge=1, description="at most this many prompts per prompt set")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    steps: int = Field(30, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0)
-    negative_prompt: str = ""
-    height: int | None = Field(None, ge=8)
-    width: int | None = Field(None, ge=8)
-    batch_size: int = Field(4, ge=1, description="images per pipeline call")
-    device: str | None = Field(None, description="cuda, cpu, ...; default: cuda when available")
-    llm: str | None = Field(None, description="control: expand narrative prompts with this LLM (spec or model name)")
-    llm_url: str | None = Field(None, description="OpenAI-compatible base URL for --llm (default: local transformers)")
-    finetune: str | None = Field(None, description="control: another diffusers model, e.g. a plain fine-tune")
 
 
 @dataclass(frozen=True)
@@ -103,10 +81,10 @@ def _file_digest(path: Path) -> str:
 
 def surd_test_items(data: Path, limit: int | None) -> tuple[list[EvalItem], int]:
     """SURD `test` rows with a narrative prompt, sorted by id; also how many test rows had none."""
-    folder = data / "surd" / "data" if (data / "surd" / "data").is_dir() else data / "data"
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        raise SurdError(f"--data {data}: no exported dataset (expected {data / 'surd' / 'data'}/*.parquet)")
+    dataset = layout.find_dataset(data)
+    if dataset is None:
+        raise SurdError(f"--data {data}: no exported dataset (expected {layout.dataset_data_dir(data)}/*.parquet)")
+    files = sorted((dataset / "data").glob("*.parquet"))
     columns = ["id", "narrative_prompt", "keyword_prompt", "split"]
     try:
         tables = [pq.read_table(f, columns=columns) for f in files]
@@ -182,7 +160,7 @@ def plan_jobs(arms: list[Arm], items: list[EvalItem], seeds: list[int], out: Pat
 def _generate_batch(pipe: Any, adapter: Any, prompts: list[str], seeds: list[int], config: EvalConfig) -> list[Any]:
     import torch
 
-    from adapter.pipeline import encode_prompts
+    from adapter.inference import encode_prompts
 
     embeds = encode_prompts(pipe, prompts, adapter)
     negative = None
@@ -199,13 +177,13 @@ def generate_missing(jobs: list[Job], config: EvalConfig, bar: Any) -> int:
     """Generate the images not on disk yet (one pipeline per model); returns how many were made."""
     import torch
 
-    from adapter.pipeline import default_device, load_adapter, load_pipeline
+    from adapter.inference import load_adapter, load_pipeline
 
     todo = list({j.path: j for j in jobs if not j.path.is_file()}.values())  # rows sharing a prompt share images
     by_model: dict[str, list[Job]] = defaultdict(list)
     for job in todo:
         by_model[job.arm.model].append(job)
-    device = config.device or default_device()
+    device = resolve_device(config.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     for model, model_jobs in by_model.items():
         pipe = load_pipeline(model, device=device, dtype=dtype)
@@ -293,8 +271,7 @@ def run_eval(config: EvalConfig, out: Path, progress: bool = True) -> dict[str, 
     import pyarrow as pa
 
     from adapter.eval_report import summarise, write_reports
-    from adapter.eval_scores import ClipScorer, score_images
-    from adapter.pipeline import default_device
+    from adapter.eval_scores import ClipEvalScorer, score_images
     from surd.shards import atomic_write_json, write_table
 
     out = Path(out)
@@ -318,7 +295,7 @@ def run_eval(config: EvalConfig, out: Path, progress: bool = True) -> dict[str, 
                 "seed": j.seed, "prompt": j.item.prompt, "keyword_prompt": j.item.keyword_prompt,
                 "generation_prompt": j.generation_prompt, "alternatives": list(j.item.alternatives),
                 "answer": j.item.answer, "path": str(j.path)} for j in jobs]
-    scorer = ClipScorer(config.clip, device=config.device or default_device())
+    scorer = ClipEvalScorer(config.clip, device=resolve_device(config.device))
     with _bar(len(records), "CLIP", progress) as bar:
         scored = score_images(scorer, records, bar)
     for record in scored:

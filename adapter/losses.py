@@ -12,28 +12,13 @@ Corrected defaults vs the paper (docs/adapter.md has the full comparison):
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
+from adapter.config import AlignKind, DistillKind
 from adapter.model import masked_mean
-
-DistillKind = Literal["cosine", "mse", "kl"]
-AlignKind = Literal["cosine", "kl"]
-
-
-class LossSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    llm_weight: float = Field(0.1, ge=0.0, description="λ_llm: weight of the LLM distillation term (0: no teacher)")
-    prompt_weight: float = Field(0.1, ge=0.0, description="λ_prompt: weight of the keyword-prompt alignment term")
-    llm_loss: DistillKind = Field("cosine", description="cosine (default), mse, or the paper's kl over features")
-    prompt_loss: AlignKind = Field("cosine", description="pooled cosine (default) or the paper's token-wise kl")
-    temperature: float = Field(1.0, gt=0.0, description="softmax temperature of the kl options")
-    snr_gamma: float | None = Field(None, gt=0.0, description="min-SNR γ weighting of the diffusion loss (e.g. 5)")
-    noise_offset: float = Field(0.0, ge=0.0, description="offset noise scale")
 
 
 def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,

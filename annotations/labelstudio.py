@@ -23,6 +23,7 @@ import httpx
 import pyarrow as pa
 
 from annotations import reviews, selection
+from surd import layout
 from surd.errors import SurdError
 
 INTERFACE = Path(__file__).with_name("interface.xml")
@@ -266,7 +267,7 @@ def pull(session: Session, run_dir: Path, project: str) -> tuple[Path, pa.Table]
     """Export the project's annotations into `<run>/reviews.parquet`."""
     votes, _, _ = collect_votes(session, session.project_id(project))
     table = reviews.resolve(votes)
-    path = Path(run_dir) / "reviews.parquet"
+    path = layout.reviews_path(run_dir)
     reviews.write_reviews(path, table)
     return path, table
 

@@ -15,24 +15,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from surd import shards
+from surd import layout, shards
 from surd.errors import SurdError
+from surd.layout import STAGES
 from surd.schema import SCHEMA, conform
 
 THUMB_SIZE = 512
-THUMB_DIR = Path("review") / "thumbs"
 
 
 def dataset_folder(run_dir: Path) -> Path:
     """The run's final dataset: `surd/data/` (export output) if present, else the last finished stage folder."""
-    from pipelines.stages import ORDER
-
     run_dir = Path(run_dir)
-    exported = run_dir / "surd" / "data"
+    exported = layout.dataset_data_dir(run_dir)
     if exported.is_dir() and _parquet_files(exported):
         return exported
-    for stage in reversed(ORDER):
-        folder = run_dir / stage
+    for stage in reversed(STAGES):
+        folder = layout.stage_dir(run_dir, stage)
         if folder.is_dir() and shards.shard_names(folder):
             return folder
     raise SurdError(f"{run_dir}: no dataset to review (neither surd/data/*.parquet nor a stage folder with shards)")
@@ -204,7 +202,7 @@ def make_thumbnail(image_bytes: bytes, sample_id: str) -> bytes:
 
 def write_thumbnails(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Path]:
     """Write `<run>/review/thumbs/<name>.jpg` for each row (skipping ones already written); id -> path."""
-    folder = Path(run_dir).resolve() / THUMB_DIR
+    folder = layout.thumbs_dir(Path(run_dir).resolve())
     paths = {}
     for row in rows:
         path = folder / thumbnail_name(row["id"])

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from _report import merge_record, write_rows  # noqa: E402
 
-from surd.clip import ScoreConfig  # noqa: E402
+from surd.score import ScoreConfig  # noqa: E402
 
 K = 2  # narrative candidates per row
 

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _report import merge_record, write_rows  # noqa: E402
 
-from surd.pairing import PairConfig  # noqa: E402
+from surd.pair import PairConfig  # noqa: E402
 from surd.rows import Drop  # noqa: E402
 
 SUBJECTS = ["red apples", "a black cat", "two sailboats", "an old man", "a yellow taxi", "three puppies",

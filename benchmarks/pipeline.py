@@ -19,7 +19,7 @@ from _report import write_rows  # noqa: E402
 
 from pipelines.collect import collect
 from pipelines.local import run_stage
-from pipelines.stages import stage_config
+from pipelines.registry import stage_config
 from surd.demo import make_bench_images
 from surd.sources import source_config
 

@@ -39,7 +39,7 @@ def build_sd15(dtype: torch.dtype, device: str) -> SimpleNamespace:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from adapter.tiny import clip_tokenizer
+    from surd.demo.tiny import clip_tokenizer
 
     tokenizer = clip_tokenizer(num_merges=49152 - 258)
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
@@ -63,8 +63,8 @@ def build_sd15(dtype: torch.dtype, device: str) -> SimpleNamespace:
 def build_tiny(work: Path, dtype: torch.dtype, device: str) -> SimpleNamespace:
     from diffusers import DDPMScheduler
 
-    from adapter.pipeline import load_pipeline
-    from adapter.tiny import write_tiny_sd
+    from adapter.inference import load_pipeline
+    from surd.demo.tiny import write_tiny_sd
 
     folder = work / "tiny-sd"
     if not (folder / "model_index.json").exists():
@@ -101,6 +101,7 @@ def run_stack(stack_name: str, checkpointing: bool, args: argparse.Namespace) ->
     both modes see the same background load; memory is measured per step (GPU: peak allocated)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    from adapter.config import LossSettings
     from adapter.data import (
         AdapterDataset,
         EpochBatches,
@@ -112,10 +113,9 @@ def run_stack(stack_name: str, checkpointing: bool, args: argparse.Namespace) ->
         resolve_dataset,
         text_cache,
     )
-    from adapter.losses import LossSettings
     from adapter.model import SURAdapter
-    from adapter.tiny import write_tiny_dataset
     from adapter.train import compute_losses
+    from surd.demo.tiny import write_tiny_dataset
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
     work = Path(args.work)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.stages import ORDER
-from surd import shards
+from surd import layout, shards
 from surd.schema import COLUMNS, SCHEMA_VERSION
 
 LICENCE_NOTE = (
@@ -18,7 +17,7 @@ LICENCE_NOTE = (
 
 def _sources(run_dir: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    collect = run_dir / "collect"
+    collect = layout.stage_dir(run_dir, "collect")
     for stats in sorted((collect / "_stats").glob("*/")) if (collect / "_stats").is_dir() else []:
         total = sum(json.loads(p.read_text()).get("kept", 0) for p in stats.rglob("*.json"))
         counts[stats.name] = total
@@ -49,11 +48,10 @@ def dataset_card(
     lines += [f"| `{name}` | {doc} |" for name, _, doc in COLUMNS]
     lines += ["", "## What each stage dropped", ""]
     lines += ["| stage | in | kept | dropped | reasons |", "|---|---|---|---|---|"]
-    for stage in ORDER:
-        if (run_dir / stage / "_stats").is_dir():
-            s = shards.stage_stats(run_dir / stage)
-            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(s["dropped"].items())) or "-"
-            lines.append(f"| {stage} | {s['in']} | {s['kept']} | {sum(s['dropped'].values())} | {reasons} |")
+    for stage in layout.stages_present(run_dir):
+        s = shards.stage_stats(layout.stage_dir(run_dir, stage))
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(s["dropped"].items())) or "-"
+        lines.append(f"| {stage} | {s['in']} | {s['kept']} | {sum(s['dropped'].values())} | {reasons} |")
     lines += [
         "",
         "Dropped rows are kept, with `drop_stage` and `drop_reason`, under each stage's `dropped/` folder of the run.",

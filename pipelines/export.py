@@ -1,8 +1,11 @@
 """Export: the final SURD dataset in the HF hub layout, plus the original SURD imagefolder layout.
 
-`<run>/surd/data/{train,test}-NNNNN-of-NNNNN.parquet` and a dataset card `README.md`, built in a temp
-folder inside the run and swapped in whole, so a killed export leaves either the old dataset or the new
-one. Review decisions (`<run>/reviews.parquet`) are applied by a processor passed in by the caller.
+The export stage runs through the executor like any other: its row logic (`ExportRows`) applies review decisions
+(`<run>/reviews.parquet`, through a processor passed in by the caller) and sets each row's stable split; rows a
+reviewer rejected are dropped with their reason. Its finish then writes
+`<run>/surd/data/{train,test}-NNNNN-of-NNNNN.parquet` and a dataset card `README.md` in a temp folder inside the
+run and swaps it in whole, so a killed export leaves either the old dataset or the new one. The export stage is
+rebuilt on every export (the reviews or the split may have changed).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import json
 import os
 import shutil
 import tempfile
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +26,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.card import dataset_card
-from pipelines.local import input_stage
-from pipelines.stage import Stage
-from surd import shards
-from surd.schema import DROPPED_SCHEMA, SCHEMA, split_for
+from pipelines.executor import open_stage, run_job
+from surd import layout, shards
+from surd.rows import Drop
+from surd.schema import SCHEMA, split_for
 
 STAGE = "export"
-DATASET = "surd"
-IMAGEFOLDER = "surd-imagefolder"
 
 
 class ExportConfig(BaseModel):
@@ -38,6 +40,7 @@ class ExportConfig(BaseModel):
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of ids hashed into the test split")
     shard_size_mb: float = Field(256.0, gt=0, description="target size of one Parquet shard")
     format: Literal["parquet", "imagefolder"] = "parquet"
+    batch_size: int = Field(512, ge=1, description="rows per call of the export's row logic")
 
 
 class _SplitWriter:
@@ -75,48 +78,75 @@ class _SplitWriter:
         return names
 
 
+class ExportRows:
+    """Export's row logic: reviewers' decisions (an optional processor, `annotations.reviews.ReviewApplier`),
+    then the stable split of each id."""
+
+    def __init__(self, test_fraction: float, reviews: Any = None) -> None:
+        self.test_fraction, self.reviews = test_fraction, reviews
+        self.counters: dict[str, int] = {}
+
+    def setup(self) -> None:
+        if self.reviews is not None:
+            self.reviews.setup()
+
+    def process_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
+        results = self.reviews.process_batch(rows) if self.reviews is not None else list(rows)
+        for result in results:
+            if not isinstance(result, Drop):
+                result["split"] = split_for(result["id"], self.test_fraction)
+                self.counters[f"rows_{result['split']}"] = self.counters.get(f"rows_{result['split']}", 0) + 1
+        for key, value in (getattr(self.reviews, "counters", None) or {}).items():
+            self.counters[key] = value
+        return results
+
+
 def export(
-    run_dir: Path, config: ExportConfig, *, reviews: Any = None, recipe_name: str = "surd"
+    run_dir: Path, config: ExportConfig, *, reviews: Any = None, recipe_name: str = "surd", workers: int = 1,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Write `<run>/surd/`; returns the export stats. `reviews`: an optional processor applied first."""
+    """Write `<run>/surd/`; returns the export stats. `reviews`: an optional processor applied first.
+
+    The export stage runs like any other (the executor writes `export/` shards with the split set, dropped
+    rows, stats); its finish then assembles the dataset from them in a temp folder and swaps it in whole.
+    """
     run_dir = Path(run_dir)
-    source = input_stage(run_dir, STAGE)
-    stage_dir = run_dir / STAGE
-    start = time.perf_counter()
-    _remove_leftovers(run_dir)
-    work = Path(tempfile.mkdtemp(prefix=".surd.", dir=run_dir))
-    try:
+    job = open_stage(run_dir, STAGE, config, processor=ExportRows(config.test_fraction, reviews), fresh=True)
+    run_job(job, workers=workers, progress=progress)
+    job.close()
+    _finish(run_dir, config, recipe_name, job.source)
+    if config.format == "imagefolder":
+        export_imagefolder(run_dir)
+    return shards.stage_stats(job.out)
+
+
+def _finish(run_dir: Path, config: ExportConfig, recipe_name: str, source: str) -> None:
+    """RUN/surd: the export stage's rows by split in parts of about `shard_size_mb`, plus the dataset card."""
+    stage_dir = layout.stage_dir(run_dir, STAGE)
+    with _building(run_dir, layout.DATASET) as work:
         (work / "data").mkdir()
         writers = {s: _SplitWriter(work / "data", s, int(config.shard_size_mb * 2**20)) for s in ("train", "test")}
-        review_stage = Stage("review", reviews) if reviews is not None else None
-        dropped_parts = []
-        n_in = 0
-        for batch in shards.read_stage(run_dir / source, batch_size=512):
+        for batch in shards.read_stage(stage_dir, batch_size=512):
             table = pa.Table.from_batches([batch]).cast(SCHEMA)
-            n_in += table.num_rows
-            if review_stage is not None:
-                table, dropped = review_stage(table)
-                dropped_parts.append(dropped)
-            splits = [split_for(i, config.test_fraction) for i in table.column("id").to_pylist()]
-            table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
             for split, writer in writers.items():
                 writer.add(table.filter(pc.equal(table.column("split"), split)))
         files = {split: writer.finalise() for split, writer in writers.items()}
         counts = {split: writer.rows for split, writer in writers.items()}
-        dropped = pa.concat_tables(dropped_parts) if dropped_parts else DROPPED_SCHEMA.empty_table()
-        stats = shards.shard_stats(n_in, sum(counts.values()), dropped, time.perf_counter() - start,
-                                   {f"rows_{split}": n for split, n in counts.items()})
-        # Stats first: the card reports this stage's drops too.
-        shards.commit_shard(stage_dir, "export", SCHEMA.empty_table(), dropped, stats)
-        card = dataset_card(run_dir, files, counts, recipe_name=recipe_name, input_stage=source)
-        (work / "README.md").write_text(card)
-        _swap_in(work, run_dir / DATASET)
+        (work / "README.md").write_text(dataset_card(run_dir, files, counts, recipe_name=recipe_name,
+                                                     input_stage=source))
+    shards.write_manifest(stage_dir, STAGE, extra={"input_stage": source, "files": files, "splits": counts})
+
+
+@contextmanager
+def _building(run_dir: Path, name: str) -> Iterator[Path]:
+    """A temp folder inside the run, swapped in as RUN/<name> when the block ends without error."""
+    _remove_leftovers(run_dir)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
+    try:
+        yield work
+        _swap_in(work, run_dir / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    shards.write_manifest(stage_dir, STAGE, extra={"input_stage": source, "files": files, "splits": counts})
-    if config.format == "imagefolder":
-        export_imagefolder(run_dir)
-    return shards.stage_stats(stage_dir)
 
 
 def _remove_leftovers(run_dir: Path) -> None:
@@ -140,13 +170,10 @@ def _swap_in(new: Path, target: Path) -> None:
 def export_imagefolder(run_dir: Path) -> Path:
     """Write the original SURD layout (`<split>/metadata.jsonl` with file_name, text, prompt + images)."""
     run_dir = Path(run_dir)
-    data = run_dir / DATASET / "data"
-    _remove_leftovers(run_dir)
-    work = Path(tempfile.mkdtemp(prefix=f".{IMAGEFOLDER}.", dir=run_dir))
-    try:
+    with _building(run_dir, layout.IMAGEFOLDER) as work:
         handles: dict[str, Any] = {}
         columns = ["id", "image", "image_format", "keyword_prompt", "narrative_prompt", "split"]
-        for path in sorted(data.glob("*.parquet")):
+        for path in sorted(layout.dataset_data_dir(run_dir).glob("*.parquet")):
             for row in pq.read_table(path, columns=columns).to_pylist():
                 split = row["split"]
                 if split not in handles:
@@ -159,10 +186,7 @@ def export_imagefolder(run_dir: Path) -> Path:
                 handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
         for handle in handles.values():
             handle.close()
-        _swap_in(work, run_dir / IMAGEFOLDER)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return run_dir / IMAGEFOLDER
+    return layout.imagefolder_dir(run_dir)
 
 
 def _safe_name(sample_id: str) -> str:

@@ -12,9 +12,13 @@ from rich.text import Text
 
 
 class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
     def render(self, task) -> Text:  # type: ignore[no-untyped-def]
         speed = task.finished_speed or task.speed
-        return Text("   ... rows/s" if speed is None else f"{speed:8.1f} rows/s")
+        return Text(f"   ... {self.unit}/s" if speed is None else f"{speed:8.1f} {self.unit}/s")
 
 
 class _Bar:
@@ -27,7 +31,7 @@ class _Bar:
 
 
 @contextmanager
-def progress_bar(label: str, total: int | None, enabled: bool = True) -> Iterator[_Bar]:
+def progress_bar(label: str, total: int | None, enabled: bool = True, unit: str = "rows") -> Iterator[_Bar]:
     """A rich progress bar on stderr (silent when disabled or when stderr is not a terminal)."""
     console = Console(stderr=True)
     if not enabled or not sys.stderr.isatty():
@@ -37,8 +41,8 @@ def progress_bar(label: str, total: int | None, enabled: bool = True) -> Iterato
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("rows"),
-        _RateColumn(),
+        TextColumn(unit),
+        _RateColumn(unit),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:

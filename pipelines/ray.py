@@ -1,10 +1,10 @@
 """Ray executor: the local executor's stages and shard layout, spread over a Ray cluster with Ray Data.
 
 The unit of work is one input shard, as in the local executor: Ray Data gets one item per shard still to
-do, and a task or actor runs `pipelines.local.process_shard` on it, which reads the shard, runs the stage
-batch by batch and commits kept rows, dropped rows, stats and (last) the marker. So a Ray run writes exactly
-the folder the local executor writes, either executor resumes the other's run, and a retried task just
-rewrites the same files atomically. Every node must see the run folder at the same path (docs/cluster.md).
+do, and a task or actor runs the stage job's `run(rel)` on it (`pipelines.executor`), which reads the shard,
+runs the stage batch by batch and commits kept rows, dropped rows, stats and (last) the marker. So a Ray run
+writes exactly the folder the local executor writes, either executor resumes the other's run, and a retried
+task just rewrites the same files atomically. Every node must see the run folder at the same path (docs/cluster.md).
 
 Where a stage runs (its recipe section's `num_cpus` / `num_gpus` are reserved per task or actor):
 - an actor pool (`ActorPoolStrategy`, 1 to N actors) when the stage asks for GPUs (`num_gpus > 0`) or its
@@ -27,11 +27,10 @@ from typing import Any
 import pyarrow as pa
 
 import surd.errors
-from pipelines.local import open_stage, process_shard
+from pipelines.executor import StageJob, open_stage
 from pipelines.progress import progress_bar
 from pipelines.recipe import Recipe
 from pipelines.run import check_until, run_recipe
-from pipelines.stage import Stage
 from surd.errors import StageError, SurdError
 from surd.rows import RowProcessor
 
@@ -58,13 +57,13 @@ def actor_pool_size(name: str, config: Any, shards_todo: int, resources: dict[st
     return max(1, min(fits, shards_todo))
 
 
-def _process(stage: Stage, src: str, out: str, batch: pa.Table) -> pa.Table:
-    """Run the stage over the shards named in `batch`; user errors come back as data (Ray drops their type)."""
+def _process(job: StageJob, batch: pa.Table) -> pa.Table:
+    """Run the job over the shards named in `batch`; user errors come back as data (Ray drops their type)."""
     rels = batch.column("rel").to_pylist()
     rows_in, errors = [], []
     for rel in rels:
         try:
-            rows_in.append(process_shard(stage, Path(src), Path(out), rel)["in"])
+            rows_in.append(job.run(rel)["in"])
             errors.append(None)
         except SurdError as e:
             rows_in.append(0)
@@ -76,18 +75,18 @@ def _results(rels: list[str], rows_in: list[int], errors: list[str | None]) -> p
     return pa.table({"rel": rels, "in": pa.array(rows_in, pa.int64()), "error": pa.array(errors, pa.string())})
 
 
-def _shard_task(batch: pa.Table, stage: Stage, src: str, out: str) -> pa.Table:
-    return _process(stage, src, out, batch)
+def _shard_task(batch: pa.Table, job: StageJob) -> pa.Table:
+    return _process(job, batch)
 
 
 class _ShardActor:
     """One model-stage worker: sets the stage up once, then processes the shards Ray Data sends it."""
 
-    def __init__(self, stage: Stage, src: str, out: str) -> None:
-        self.stage, self.src, self.out = stage, src, out
+    def __init__(self, job: StageJob) -> None:
+        self.job = job
         self.error: str | None = None
         try:
-            stage.setup()
+            job.setup()
         except SurdError as e:  # e.g. a model that is not there: report it per shard, not as an actor crash
             self.error = f"{type(e).__name__}:{e}"
 
@@ -95,7 +94,7 @@ class _ShardActor:
         if self.error is not None:
             rels = batch.column("rel").to_pylist()
             return _results(rels, [0] * len(rels), [self.error] * len(rels))
-        return _process(self.stage, self.src, self.out, batch)
+        return _process(self.job, batch)
 
 
 def _raise_worker_error(message: str) -> None:
@@ -106,15 +105,15 @@ def _raise_worker_error(message: str) -> None:
     raise cls(text)
 
 
-def _map_shards(stage: Stage, config: Any, src: Path, out: Path, todo: list[str], max_actors: int | None) -> Any:
+def _map_shards(job: StageJob, config: Any, max_actors: int | None) -> Any:
     """The Ray Data pipeline: one item per shard to do, mapped by tasks or an actor pool (the placement rule)."""
     import ray
     import ray.data
 
-    args = {"stage": stage, "src": str(src), "out": str(out)}
-    items = ray.data.from_items([{"rel": rel} for rel in todo], override_num_blocks=len(todo))
-    size = actor_pool_size(stage.name, config, len(todo), ray.cluster_resources())  # fails early, never hangs
-    if not uses_actors(config, stage.processor):
+    args = {"job": job}
+    items = ray.data.from_items([{"rel": rel} for rel in job.todo], override_num_blocks=len(job.todo))
+    size = actor_pool_size(job.name, config, len(job.todo), ray.cluster_resources())  # fails early, never hangs
+    if not uses_actors(config, job.stage.processor):
         return items.map_batches(
             _shard_task, batch_size=1, batch_format="pyarrow", fn_kwargs=args, num_cpus=config.num_cpus
         )
@@ -131,8 +130,8 @@ def run_stage_ray(
     """Run one processing stage over the previous stage's shards on Ray; returns the stage's total stats."""
     job = open_stage(run_dir, name, config)
     if job.todo:
-        done = _map_shards(job.stage, config, job.src, job.out, job.todo, max_actors)
-        with progress_bar(f"{name} ({job.source} -> {name}, ray)", job.rows_todo(), enabled=progress) as bar:
+        done = _map_shards(job, config, max_actors)
+        with progress_bar(f"{job.label}, ray", job.total(), enabled=progress) as bar:
             # Leaving the loop early (first user error) stops the dataset: no more shards are started.
             for result in done.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for error in result.column("error").drop_null().to_pylist():

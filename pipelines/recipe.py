@@ -9,7 +9,8 @@
     train: {...}                                                                 # optional
 
 `${out}` in any string is replaced by the run folder. A stage runs when its section is present
-(`clean: {}` runs it with defaults); `collect` and `export` always run.
+(`clean: {}` runs it with defaults); `collect` and `export` always run. The model sections (`train:`,
+`generate:`, `eval:`) are typed by `adapter.recipe.ModelRecipe`, a subclass the CLI loads with.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.export import ExportConfig
-from pipelines.stages import PROCESSING_STAGES, stage_config
-from surd.errors import RecipeError
+from pipelines.registry import PROCESSING_STAGES, stage_config
+from surd.errors import RecipeError, explain_validation
 from surd.sources import source_config
 
 
@@ -47,9 +48,10 @@ class Recipe(BaseModel):
     pair: dict[str, Any] | None = None
     score: dict[str, Any] | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
-    train: dict[str, Any] | None = None
-    generate: dict[str, Any] | None = None
-    eval: dict[str, Any] | None = None
+    # Typed by the adapter package's subclass (`adapter.recipe.ModelRecipe`); kept as data at this floor.
+    train: Any = None
+    generate: Any = None
+    eval: Any = None
 
     def sources(self) -> list[Any]:
         return [source_config(entry) for entry in self.collect]
@@ -70,8 +72,8 @@ def _substitute(value: Any, out: str) -> Any:
     return value
 
 
-def load_recipe(path: Path, out: Path) -> Recipe:
-    """Read, substitute and validate a recipe, checking every section (sources and stages) up front."""
+def load_recipe(path: Path, out: Path, model: type[Recipe] = Recipe) -> Recipe:
+    """Read, substitute and validate a recipe as `model`, checking every section (sources and stages) up front."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -82,12 +84,9 @@ def load_recipe(path: Path, out: Path) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with at least a `collect:` list")
     try:
-        recipe = Recipe.model_validate(_substitute(raw, str(out)))
+        recipe = model.model_validate(_substitute(raw, str(out)))
     except ValidationError as e:
-        problems = "; ".join(
-            f"key {'.'.join(str(x) for x in err['loc'])!r}: {err['msg']}" for err in e.errors()
-        )
-        raise RecipeError(f"{path}: {problems}") from None
+        raise RecipeError(explain_validation(e, str(path))) from None
     try:
         recipe.sources()
         recipe.stages()

@@ -11,13 +11,13 @@ from pipelines.collect import collect
 from pipelines.export import export
 from pipelines.local import run_stage
 from pipelines.recipe import Recipe
-from pipelines.stages import ORDER
 from surd.errors import RecipeError
+from surd.layout import STAGES
 
 
 def check_until(until: str | None) -> None:
-    if until is not None and until not in ORDER:
-        raise RecipeError(f"--until {until!r}: not a stage; stages are {', '.join(ORDER)}")
+    if until is not None and until not in STAGES:
+        raise RecipeError(f"--until {until!r}: not a stage; stages are {', '.join(STAGES)}")
 
 
 def run_recipe(
@@ -31,16 +31,16 @@ def run_recipe(
     """
     runner = stage_runner or partial(run_stage, workers=workers)
     check_until(until)
-    last = ORDER.index(until) if until else len(ORDER)
+    last = STAGES.index(until) if until else len(STAGES)
     for source in recipe.sources():
         collect(out, source, workers=workers, progress=progress)
     ran = ["collect"]
     for name, config in recipe.stages():
-        if ORDER.index(name) > last:
+        if STAGES.index(name) > last:
             return ran
         runner(out, name, config, progress=progress)
         ran.append(name)
-    if ORDER.index("export") <= last:
-        export(out, recipe.export, reviews=reviews, recipe_name=recipe.name)
+    if STAGES.index("export") <= last:
+        export(out, recipe.export, reviews=reviews, recipe_name=recipe.name, progress=progress)
         ran.append("export")
     return ran

@@ -8,11 +8,11 @@ with an offline tokenizer for tests and the demo.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 from surd.errors import StageError
-from surd.llm import LLMError, Sampling, model_label, torch_device
+from surd.llm import LLMError, Sampling, model_label
+from surd.models import resolve_device
 
 
 class Captioner:
@@ -39,7 +39,7 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         transformers.utils.logging.disable_progress_bar()  # the executor draws the stage's own progress bar
-        self.device = torch_device(self.device)
+        self.device = resolve_device(self.device)
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         try:
             self._processor = AutoProcessor.from_pretrained(self.spec)
@@ -77,39 +77,3 @@ class Captioner:
             for j, (i, _) in enumerate(chunk):
                 out[i] = [t.strip() for t in texts[j * n : (j + 1) * n]]
         return out
-
-
-TINY_WORDS = ("a an the of in on with and is are two three man woman girl boy cat dog car tree house city "
-              "street garden beach sky red blue green yellow black white standing sitting running sleeping "
-              "photo picture painting at night day sunset").split()
-
-
-def write_tiny_captioner(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random BLIP captioner with a word-level BERT vocabulary, written without any download."""
-    import torch
-    from transformers import (
-        BertTokenizerFast,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TINY_WORDS]
-    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, bos_token="[DEC]")
-    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer)
-    processor.save_pretrained(out)
-    config = BlipConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "encoder_hidden_size": 32, "max_position_embeddings": 64,
-                     "bos_token_id": vocab.index("[DEC]"), "sep_token_id": vocab.index("[SEP]"),
-                     "eos_token_id": vocab.index("[SEP]"), "pad_token_id": 0},
-        projection_dim=32,
-    )
-    torch.manual_seed(seed)
-    BlipForConditionalGeneration(config).save_pretrained(out)
-    return out

@@ -19,3 +19,12 @@ class ShardError(SurdError):
 
 class StageError(SurdError):
     """A stage cannot run: its input stage is missing or its configuration is wrong."""
+
+
+def explain_validation(error: object, where: str) -> str:
+    """One line naming each bad key of a pydantic ValidationError: `where: key 'a.b': message; ...`."""
+    problems = "; ".join(
+        f"key {'.'.join(str(x) for x in err['loc']) or '(section)'!r}: {err['msg']}"
+        for err in error.errors()  # type: ignore[attr-defined]
+    )
+    return f"{where}: {problems}"

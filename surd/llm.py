@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from surd.errors import StageError, SurdError
-from surd.models import resolve_llm
+from surd.models import resolve_device, resolve_llm
 
 Conversation = list[dict[str, str]]
 
@@ -160,14 +160,6 @@ def model_label(spec: str) -> str:
     return Path(spec).name
 
 
-def torch_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class TransformersLLM:
     """A local causal LM through transformers; fp16 on GPU, fp32 on CPU.
 
@@ -201,7 +193,7 @@ class TransformersLLM:
 
         transformers.utils.logging.disable_progress_bar()  # the executor draws the stage's own progress bar
         location = resolve_llm(self.spec)
-        self.device = torch_device(self.device)
+        self.device = resolve_device(self.device)
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         try:
             tokenizer = AutoTokenizer.from_pretrained(location.path, gguf_file=location.gguf_file)
@@ -346,42 +338,3 @@ class TransformersLLM:
 
         extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
         self._model(input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True, **extra)
-
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def write_tiny_llm(out_dir: str | Path, seed: int = 0, init_std: float = 0.02) -> Path:
-    """A tiny random LlamaForCausalLM plus a byte-level BPE tokenizer with a chat template, all offline.
-
-    A larger `init_std` gives peakier logits, so greedy outputs vary with the input (tests of exactness).
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [(resources.files("surd") / "templates" / f"{t}.yaml").read_text()
-              for t in ("rewrite-v1", "caption-rewrite-v1")]
-    bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<|im_end|>",
-                                        bos_token="<|im_start|>", chat_template=CHATML)
-    tokenizer.save_pretrained(out)
-    config = LlamaConfig(
-        vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        initializer_range=init_std,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out

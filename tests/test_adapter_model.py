@@ -116,7 +116,7 @@ def test_paper_mix_is_eta_weighted() -> None:
 
 
 def test_e_identical_inference_calls_give_identical_embeddings(tiny_pipe) -> None:
-    from adapter.pipeline import encode_prompts
+    from adapter.inference import encode_prompts
 
     adapter = _trained_like(_adapter(dropout=0.5))
     adapter.train()  # left in training mode by a caller: inference must switch dropout off itself
@@ -193,7 +193,7 @@ def test_convert_original_refuses_pickled_code_and_foreign_files(tmp_path) -> No
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
-    from adapter.pipeline import load_pipeline
-    from adapter.tiny import write_tiny_sd
+    from adapter.inference import load_pipeline
+    from surd.demo.tiny import write_tiny_sd
 
     return load_pipeline(str(write_tiny_sd(tmp_path_factory.mktemp("sd") / "sd", text_dim=DIM)))

@@ -13,10 +13,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from adapter.cli import register, train_from_recipe
+from adapter.inference import compare, generate, load_adapter, load_pipeline
 from adapter.model import SURAdapter
-from adapter.pipeline import compare, generate, load_adapter, load_pipeline
-from adapter.tiny import write_tiny_dataset, write_tiny_world
+from surd.cli.adapter import register, train_from_recipe
+from surd.demo.tiny import write_tiny_dataset, write_tiny_world
 from surd.errors import SurdError
 
 DIM = 32
@@ -116,7 +116,7 @@ def test_cli_convert_original(tmp_path) -> None:
 
 
 def test_recipe_train_then_generate(world, tmp_path) -> None:
-    from pipelines.recipe import Recipe
+    from adapter.recipe import ModelRecipe as Recipe
 
     run = write_tiny_dataset(tmp_path / "run", n=6)
     spec = Recipe(collect=[], train={"base": str(world["sd"]), "llm": str(world["llm"]), "resolution": 32,

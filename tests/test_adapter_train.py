@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapter.config import LossSettings, TrainConfig
 from adapter.data import AdapterDataset, EpochBatches, collate, read_samples, resolve_dataset
-from adapter.losses import LossSettings
-from adapter.pipeline import load_pipeline
-from adapter.tiny import write_tiny_sd, write_tiny_world
-from adapter.train import TrainConfig, build_adapter, compute_losses, prepare_frozen, train
+from adapter.inference import load_pipeline
+from adapter.train import build_adapter, compute_losses, prepare_frozen, train
+from surd.demo.tiny import write_tiny_sd, write_tiny_world
 from surd.errors import SurdError
 
 DIM = 32
@@ -179,7 +179,7 @@ def test_epoch_batches_resume_at_the_exact_sample_and_split_ranks() -> None:
 def test_train_config_is_strict_and_names_the_bad_key(world) -> None:
     from pydantic import ValidationError
 
-    from adapter.cli import train_config
+    from surd.cli.adapter import train_config
     from surd.errors import RecipeError
 
     with pytest.raises(ValidationError):

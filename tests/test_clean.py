@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
 from surd import phash as phash_mod
-from surd.clean import CleanConfig, DedupConfig, clean_prompt, embeddings_pattern, plan_dedup
+from surd.clean import CleanConfig, clean_prompt, embeddings_pattern
+from surd.dedup import DedupConfig, plan_dedup
 from surd.errors import StageError
 from surd.phash import NearIndex, best_band_count, hamming, phash
 from surd.rows import Drop

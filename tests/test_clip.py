@@ -19,10 +19,11 @@ from PIL import Image
 
 from pipelines.local import run_stage
 from surd import shards
-from surd.clip import ScoreConfig, write_tiny_clip
+from surd.demo.tiny import write_tiny_clip
 from surd.errors import StageError
 from surd.rows import Drop
 from surd.schema import DROPPED_SCHEMA, from_rows
+from surd.score import ScoreConfig
 
 CANDIDATES = ["A red car on a street.", "A cat asleep on a sofa.", "Green hills under a blue sky.", "Two boats."]
 
@@ -193,7 +194,7 @@ def test_saved_embeddings_are_written_per_shard_by_the_executor(tiny_clip: Path,
 
 
 def test_trimmed_text_encoding_equals_open_clips_full_context(tiny_clip: Path) -> None:
-    from surd.clip import encode_text_trimmed
+    from surd.score import encode_text_trimmed
 
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_clip}")

@@ -12,10 +12,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from adapter.eval_cli import register
 from adapter.eval_report import summarise
 from adapter.model import SURAdapter
 from adapter.probes import PROBE_SETS, load_probe_set
+from surd.cli.evaluation import register
 from surd.errors import SurdError
 from surd.schema import from_rows
 
@@ -137,8 +137,7 @@ def _adapter_run(folder: Path, base: Path, perturb: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from adapter.tiny import write_tiny_sd
-    from surd.clip import write_tiny_clip
+    from surd.demo.tiny import write_tiny_clip, write_tiny_sd
 
     root = tmp_path_factory.mktemp("eval")
     sd = write_tiny_sd(root / "sd")

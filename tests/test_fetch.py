@@ -18,9 +18,9 @@ import pytest
 from civitai_server import RETRY_AFTER, FakeCivitai, image_bytes
 from PIL import Image
 
+from pipelines.retry import retry_failed
 from surd import shards
 from surd.fetch import TRANSIENT, FetchConfig
-from surd.fetch_retry import retry_failed
 from surd.rows import Drop
 from surd.schema import DROPPED_SCHEMA, from_rows
 from surd.sources.http import host_allowed, is_public_ip, user_agent

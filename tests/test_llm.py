@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from openai_server import FakeOpenAI
 
+from surd.demo.tiny import write_tiny_llm
 from surd.errors import StageError, SurdError
-from surd.llm import LLMError, RequestCache, Sampling, TransformersLLM, load_template, write_tiny_llm
+from surd.llm import LLMError, RequestCache, Sampling, TransformersLLM, load_template
 from surd.llm_openai import OpenAILLM
 
 KEYWORDS = ["masterpiece, 1girl, red dress, garden, 8k", "two dogs running on a beach, sunset, highly detailed"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from surd.llm import Sampling, TransformersLLM, load_template, write_tiny_llm
+from surd.demo.tiny import write_tiny_llm
+from surd.llm import Sampling, TransformersLLM, load_template
 
 # suffixes of very different token lengths, so rows get different amounts of padding between prefix and suffix
 KEYWORDS = ["a", "masterpiece, 1girl, red dress, garden, 8k, soft light, highly detailed, film grain, bokeh",

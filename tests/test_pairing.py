@@ -12,9 +12,8 @@ import pytest
 from openai_server import FakeOpenAI
 from PIL import Image
 
-from surd.caption import write_tiny_captioner
-from surd.llm import write_tiny_llm
-from surd.pairing import PairConfig, check_narrative, clean_output
+from surd.demo.tiny import write_tiny_captioner, write_tiny_llm
+from surd.pair import PairConfig, check_narrative, clean_output
 from surd.rows import Drop
 
 CONFIG = PairConfig()

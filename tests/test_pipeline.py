@@ -15,8 +15,8 @@ from PIL import Image
 
 from pipelines.local import run_stage
 from pipelines.recipe import load_recipe
+from pipelines.registry import stage_config
 from pipelines.run import run_recipe
-from pipelines.stages import stage_config
 from surd import shards
 from surd.demo import EXPECTED_KEPT, PLANTED, make_demo_data
 from surd.errors import StageError
@@ -126,16 +126,16 @@ def test_two_workers_write_the_same_rows(demo_images: Path, finished_run: Path, 
 
 def test_stage_refuses_to_mix_inputs(finished_run: Path, tmp_path: Path) -> None:
     # Pretend clean ran on another input: the stage must refuse to resume rather than mix rows.
-    record = json.loads((finished_run / "dedup" / "_input.json").read_text())
+    record = json.loads((finished_run / "dedup" / "_fingerprint.json").read_text())
     record["shards"] = record["shards"][:-1]
-    (finished_run / "dedup" / "_input.json").write_text(json.dumps(record))
+    (finished_run / "dedup" / "_fingerprint.json").write_text(json.dumps(record))
     try:
         with pytest.raises(StageError, match="different input"):
             run_stage(finished_run, "dedup", stage_config("dedup", {}), progress=False)
     finally:
         record["shards"] = json.loads((finished_run / "clean" / "manifest.json").read_text())["shards"]
         record["shards"] = [s["name"] for s in record["shards"]]
-        (finished_run / "dedup" / "_input.json").write_text(json.dumps(record))
+        (finished_run / "dedup" / "_fingerprint.json").write_text(json.dumps(record))
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

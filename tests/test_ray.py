@@ -23,14 +23,14 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'surd[ray]')")
 
-from pipelines.local import INPUT_FILE  # noqa: E402
 from pipelines.ray import actor_pool_size, run_recipe_ray, run_stage_ray, uses_actors  # noqa: E402
 from pipelines.recipe import load_recipe  # noqa: E402
+from pipelines.registry import stage_config  # noqa: E402
 from pipelines.run import run_recipe  # noqa: E402
-from pipelines.stages import stage_config  # noqa: E402
 from surd import shards  # noqa: E402
 from surd.demo import make_bench_images, make_demo_data  # noqa: E402
 from surd.errors import StageError, SurdError  # noqa: E402
+from surd.layout import FINGERPRINT  # noqa: E402
 from surd.rows import StageConfig  # noqa: E402
 
 STAGES = ("collect", "clean", "dedup", "export")
@@ -150,7 +150,7 @@ def _digest(out: Path) -> dict[str, Any]:
             "stats": {rel: _no_seconds(json.loads(shards.stats_path(folder, rel).read_text())) for rel in names},
             "markers": sorted(str(p.relative_to(folder)) for p in (folder / "_done").rglob("*") if p.is_file()),
             "manifest": _no_seconds(shards.read_manifest(folder)),
-            "input": json.loads((folder / INPUT_FILE).read_text()) if stage != "collect" else None,
+            "input": json.loads((folder / FINGERPRINT).read_text()) if stage != "collect" else None,
         }
     data = out / "surd" / "data"
     digest["export"] = {

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from annotations import labelstudio as ls
 from annotations import reviews, selection
 from annotations.reviews import ReviewApplier, Vote
-from pipelines.stage import Stage
+from pipelines.executor import Stage
+from surd import shards
 from surd.errors import SurdError
 from surd.schema import from_rows
 
@@ -296,7 +297,8 @@ def test_round_trip_push_annotate_pull_export(labelstudio, monkeypatch: pytest.M
     for i in ("diffusiondb:01", "civitai:02", "diffusiondb:07"):
         expected[i] = (got[i][1], "human", "edited")
     assert {r["id"]: (r["narrative_prompt"], r["narrative_origin"], r["review"]) for r in final} == expected
-    drops = pq.read_table(run / "export" / "dropped" / "export.parquet", columns=["id", "drop_reason"]).to_pylist()
+    # The export stage keeps what reviewers rejected, like any stage: under export/dropped/, with the reason.
+    drops = [r for b in shards.read_dropped(run / "export", columns=["id", "drop_reason"]) for r in b.to_pylist()]
     assert sorted((d["id"], d["drop_reason"]) for d in drops) == [
         ("civitai:06", "review_rejected"), ("diffusiondb:03", "review_rejected")
     ]  # fmt: skip

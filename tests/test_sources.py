@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from surd.clean import CleanConfig, plan_dedup
+from surd.clean import CleanConfig
+from surd.dedup import plan_dedup
 from surd.demo import EXPECTED_KEPT, PLANTED, make_bench_images, make_demo_data, make_imagefolder_demo
 from surd.errors import RecipeError, SourceError, SurdError
 from surd.phash import hamming

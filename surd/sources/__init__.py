@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surd.errors import RecipeError
+from surd.errors import RecipeError, explain_validation
 
 _REGISTRY: dict[str, str] = {
     # type: "module:ConfigClass" (a surd.sources.base.SourceConfig subclass)
@@ -36,4 +36,4 @@ def source_config(raw: dict[str, Any]) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"collect[{kind}]: {e}") from None
+        raise RecipeError(explain_validation(e, f"collect[{kind}]")) from None

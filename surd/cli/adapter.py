@@ -1,6 +1,6 @@
 """CLI for the adapter: `surd teacher`, `surd train`, `surd generate`, `surd adapter convert-original`.
 
-Thin: parse, validate into the pydantic configs, call, print. `register(app)` is called by surd/cli.py.
+Thin: parse, validate into the pydantic configs (`adapter.config`), call, print.
 """
 
 from __future__ import annotations
@@ -10,42 +10,24 @@ from typing import Any
 
 import typer
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from rich.console import Console
+from pydantic import ValidationError
 
-from surd.errors import RecipeError, SurdError
+from surd import layout
+from surd.cli.common import console, parse_sets
+from surd.errors import RecipeError, SurdError, explain_validation
+from surd.models import resolve_device
 
 adapter_app = typer.Typer(help="SUR-adapter utilities.", no_args_is_help=True)
-console = Console()
-
-
-class GenerateConfig(BaseModel):
-    """A recipe's `generate:` section: images made with the freshly trained adapter."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: list[str] = Field(default_factory=list, description="narrative prompts to render")
-    seed: int = 0
-    steps: int = Field(30, ge=1)
-    guidance_scale: float = 7.5
-    compare: bool = Field(True, description="write base | adapter side by side")
-    out: str | None = Field(None, description="folder for the images (default <adapter run>/generate)")
-
-
-def _validation_message(e: ValidationError, where: str) -> str:
-    return f"{where}: " + "; ".join(
-        f"key {'.'.join(str(x) for x in err['loc'])!r}: {err['msg']}" for err in e.errors()
-    )
 
 
 def train_config(section: dict[str, Any], where: str = "train config") -> Any:
     """Validate a `train:` mapping into a TrainConfig, naming the bad key."""
-    from adapter.train import TrainConfig
+    from adapter.config import TrainConfig
 
     try:
         return TrainConfig.model_validate(section)
     except ValidationError as e:
-        raise RecipeError(_validation_message(e, where)) from None
+        raise RecipeError(explain_validation(e, where)) from None
 
 
 def _read_yaml_section(path: Path) -> dict[str, Any]:
@@ -63,24 +45,30 @@ def _read_yaml_section(path: Path) -> dict[str, Any]:
 
 
 def train_from_recipe(spec: Any, run_dir: Path) -> Path:
-    """Run a recipe's `train:` (data defaults to the run, out to <run>/adapter), then its `generate:`."""
-    from adapter.pipeline import generate_to_file
+    """Run a recipe's `train:` (data defaults to the run, out to RUN/adapter), then `generate:` and `eval:`."""
+    from adapter.inference import generate_to_file
     from adapter.train import train
 
-    section = {"data": str(run_dir), "out": str(Path(run_dir) / "adapter"), **(spec.train or {})}
-    config = train_config(section, "recipe key 'train'")
+    config = spec.train.model_copy(update={"data": spec.train.data or str(run_dir),
+                                           "out": spec.train.out or str(layout.adapter_dir(run_dir))})
     out = train(config)
     console.print(f"adapter trained: {out / 'adapter.safetensors'}")
-    if spec.generate:
-        try:
-            gen = GenerateConfig.model_validate(spec.generate)
-        except ValidationError as e:
-            raise RecipeError(_validation_message(e, "recipe key 'generate'")) from None
+    gen = spec.generate
+    if gen is not None:
         folder = Path(gen.out) if gen.out else out / "generate"
         for i, prompt in enumerate(gen.prompts):
             path = generate_to_file(config.base, out, prompt, folder / f"{i:03d}.png", seed=gen.seed,
                                     side=gen.compare, steps=gen.steps, guidance_scale=gen.guidance_scale)
             console.print(f"generated {path}")
+    if spec.eval is not None:
+        from adapter.config import EvalConfig
+        from adapter.evaluate import run_eval
+
+        section = spec.eval.model_dump()
+        section.update(base=section["base"] or config.base, adapter=section["adapter"] or out,
+                       data=section["data"] or run_dir)
+        results = run_eval(EvalConfig.model_validate(section), out / "eval")
+        console.print(f"evaluation: {results['images']['total']} images, report {out / 'eval' / 'report.html'}")
     return out
 
 
@@ -98,7 +86,6 @@ def teacher(
 ) -> None:
     """Compute and cache LLM teacher vectors of every narrative prompt (training does this too if missing)."""
     from adapter.data import read_samples, resolve_dataset
-    from adapter.pipeline import default_device
     from adapter.teacher import build_teacher_cache
     from adapter.train import default_cache_dir
 
@@ -109,7 +96,7 @@ def teacher(
         raise SurdError(f"{data}: no rows with an image, narrative_prompt and keyword_prompt (split {split})")
     cache, computed = build_teacher_cache(
         [(s.id, s.narrative) for s in samples], cache_dir or default_cache_dir(data), llm, layer, pooling,  # type: ignore[arg-type]
-        device=device or default_device(), batch_size=batch_size, keep_tokens=keep_tokens, dtype=dtype)
+        device=resolve_device(device), batch_size=batch_size, keep_tokens=keep_tokens, dtype=dtype)
     console.print(f"teacher vectors: {computed} computed, {len(samples) - computed} already cached "
                   f"(hidden size {cache.info['hidden_size']}) in {cache.folder}")
 
@@ -131,16 +118,7 @@ def train_cmd(
     """Train the SUR-adapter on SURD shards (`accelerate launch -m surd train ...` for several GPUs)."""
     from adapter.train import train
 
-    section = _read_yaml_section(config) if config else {}
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SurdError(f"--set {item!r}: expected KEY=VALUE")
-        *parents, leaf = key.strip().split(".")
-        node = section
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value else None
+    section = parse_sets(sets, into=_read_yaml_section(config) if config else {})
     flags = {"data": data, "base": base, "llm": llm, "layer": layer, "out": out, "max_steps": max_steps,
              "checkpoint_every": checkpoint_every, "resume": resume, "seed": seed}
     section.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
@@ -164,7 +142,7 @@ def generate_cmd(
     device: str | None = typer.Option(None, "--device"),
 ) -> None:
     """Generate an image with a trained adapter between the text encoder and the UNet."""
-    from adapter.pipeline import generate_to_file
+    from adapter.inference import generate_to_file
 
     path = generate_to_file(base, adapter, prompt, output, seed=seed, side=compare, steps=steps,
                             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=device)

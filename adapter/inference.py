@@ -17,6 +17,7 @@ from PIL import Image
 from adapter.data import text_embeds, tokenize
 from adapter.model import CONFIG_NAME, SURAdapter
 from surd.errors import SurdError
+from surd.models import resolve_device
 
 
 def load_pipeline(base: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
@@ -84,15 +85,11 @@ def load_adapter(run_dir: Path, pipe: Any) -> SURAdapter:
     return adapter.to(pipe.device)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def generate_to_file(base: str, adapter_dir: Path, prompt: str, out: Path, *, seed: int = 0, side: bool = False,
                      steps: int = 30, guidance_scale: float = 7.5, negative_prompt: str = "",
                      device: str | None = None) -> Path:
     """`surd generate`: write the adapter image (or base | adapter side by side) to `out`."""
-    device = device or default_device()
+    device = resolve_device(device)
     pipe = load_pipeline(base, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
     adapter = load_adapter(adapter_dir, pipe)
     kwargs = dict(seed=seed, steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)

@@ -11,17 +11,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from surd.errors import RecipeError
-
-ORDER = ["collect", "fetch", "clean", "dedup", "nsfw", "pair", "score", "export"]
+from surd.errors import RecipeError, explain_validation
 
 PROCESSING_STAGES: dict[str, str] = {
     "fetch": "surd.fetch:FetchConfig",
     "clean": "surd.clean:CleanConfig",
-    "dedup": "surd.clean:DedupConfig",
+    "dedup": "surd.dedup:DedupConfig",
     "nsfw": "surd.nsfw:NsfwConfig",
-    "pair": "surd.pairing:PairConfig",
-    "score": "surd.clip:ScoreConfig",
+    "pair": "surd.pair:PairConfig",
+    "score": "surd.score:ScoreConfig",
 }
 
 
@@ -37,12 +35,4 @@ def stage_config(stage: str, raw: dict[str, Any] | None) -> Any:
     try:
         return config_model(stage).model_validate(raw or {})
     except ValidationError as e:
-        raise RecipeError(f"{stage}: {_explain(e)}") from None
-
-
-def _explain(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(section)"
-        parts.append(f"key {loc!r}: {err['msg']}")
-    return "; ".join(parts)
+        raise RecipeError(explain_validation(e, stage)) from None

@@ -1,44 +1,29 @@
-"""`surd`: the command line. Thin: parse, call, print. User errors print without a traceback."""
+"""Dataset commands: `surd run`, `collect`, `fetch`, the other stage commands, `export`, `stats`, `report`,
+`models tiny`."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
-from rich.console import Console
 from rich.table import Table
 
-from surd.errors import SurdError
+from surd import layout
+from surd.cli.common import OutOpt, QuietOpt, RecipeOpt, SetOpt, WorkersOpt, console, parse_sets, print_stats
+from surd.errors import SurdError, explain_validation
 
-app = typer.Typer(help="Build SURD, review it in Label Studio, train the SUR-adapter.", no_args_is_help=True)
-models_app = typer.Typer(help="Model folders for the demo and tests.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-console = Console()
-err = Console(stderr=True)
-
-OutOpt = typer.Option(..., "--out", "-o", help="run folder (created if missing)")
-WorkersOpt = typer.Option(1, "--workers", "-w", min=1, help="shards processed in parallel processes")
-SetOpt = typer.Option(None, "--set", help="override a stage option: KEY=VALUE (VALUE parsed as YAML); repeatable")
-RecipeOpt = typer.Option(None, "--recipe", help="take this stage's options from a recipe's section")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bar")
-
-
-def _parse_sets(values: list[str] | None, flag: str = "--set") -> dict[str, Any]:
-    parsed: dict[str, Any] = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SurdError(f"{flag} {item!r}: expected KEY=VALUE")
-        parsed[key.strip()] = yaml.safe_load(value) if value else None
-    return parsed
+STAGE_HELP = {
+    "dedup": "Drop exact and near-duplicate images (part of `surd clean`).",
+    "nsfw": "Score images with the NSFW classifier; drop or flag.",
+    "pair": "Write narrative prompts (LLM rewrite, captioner, or both).",
+    "score": "CLIP-score prompts against images and keep matching narratives.",
+}
 
 
 def _reviews_for(run_dir: Path) -> Any:
-    path = Path(run_dir) / "reviews.parquet"
+    path = layout.reviews_path(run_dir)
     if not path.exists():
         return None
     from annotations.reviews import ReviewApplier
@@ -46,12 +31,6 @@ def _reviews_for(run_dir: Path) -> Any:
     return ReviewApplier(path)
 
 
-def _print_stats(name: str, stats: dict[str, Any]) -> None:
-    dropped = ", ".join(f"{r}: {n}" for r, n in sorted(stats["dropped"].items())) or "none"
-    console.print(f"[bold]{name}[/]: {stats['in']} in, {stats['kept']} kept; dropped: {dropped}")
-
-
-@app.command()
 def run(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
     out: Path = OutOpt,
@@ -62,11 +41,12 @@ def run(
     quiet: bool = QuietOpt,
 ) -> None:
     """Run a whole recipe into OUT (resumable: rerun to continue)."""
+    from adapter.recipe import ModelRecipe
     from pipelines.recipe import load_recipe
     from pipelines.run import check_until, run_recipe
 
     check_until(until)
-    spec = load_recipe(recipe, out)
+    spec = load_recipe(recipe, out, model=ModelRecipe)
     out.mkdir(parents=True, exist_ok=True)
     _prepare(spec.prepare)
     if executor == "local":
@@ -80,7 +60,7 @@ def run(
         raise SurdError(f"--executor {executor!r}: expected local or ray")
     stats(out, as_json=False)
     if spec.train is not None and (until is None or until == "train") and "export" in ran:
-        from adapter.cli import train_from_recipe
+        from surd.cli.adapter import train_from_recipe
 
         train_from_recipe(spec, out)
 
@@ -95,7 +75,6 @@ def _prepare(prepare: Any) -> None:
         tiny(Path(prepare.tiny_models))
 
 
-@app.command("collect")
 def collect_cmd(
     source: str = typer.Argument(..., help="folder, imagefolder, parquet, jsonl, civitai, diffusiondb, lexica"),
     path: str | None = typer.Argument(None, help="folder or file to read (local sources)"),
@@ -114,19 +93,19 @@ def collect_cmd(
     from surd.sources import source_config
 
     raw = {"type": source, "path": path, "name": name, "max_items": max_items, "limit": limit,
-           "api_base": api_base, "rows_per_shard": rows_per_shard, **_parse_sets(option, "--option")}
+           "api_base": api_base, "rows_per_shard": rows_per_shard, **parse_sets(option, "--option")}
     config = source_config({k: v for k, v in raw.items() if v is not None})
-    _print_stats("collect", collect(out, config, workers=workers, progress=not quiet))
+    print_stats("collect", collect(out, config, workers=workers, progress=not quiet))
 
 
-def _stage_options(stage: str, run_dir: Path, recipe: Path | None, sets: list[str] | None) -> Any:
+def stage_options(stage: str, run_dir: Path, recipe: Path | None, sets: list[str] | None) -> Any:
     from pipelines.recipe import load_recipe
-    from pipelines.stages import stage_config
+    from pipelines.registry import stage_config
 
     section: dict[str, Any] = {}
     if recipe is not None:
         section = dict(getattr(load_recipe(recipe, run_dir), stage) or {})
-    section.update(_parse_sets(sets))
+    section.update(parse_sets(sets))
     return stage_config(stage, section)
 
 
@@ -135,14 +114,14 @@ def run_one_stage(stage: str, run_dir: Path, recipe: Path | None, sets: list[str
     """Validate a stage's options (recipe section, then --set, then explicit flags) and run it."""
     from pipelines.local import run_stage
 
-    config = _stage_options(stage, run_dir, recipe, sets)
+    config = stage_options(stage, run_dir, recipe, sets)
     if overrides:
         config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         config = type(config).model_validate(config.model_dump())
-    _print_stats(stage, run_stage(run_dir, stage, config, workers=workers, progress=not quiet))
+    print_stats(stage, run_stage(run_dir, stage, config, workers=workers, progress=not quiet))
 
 
-def _stage_command(stage: str, help_text: str) -> None:
+def _stage_command(stage: str, help_text: str) -> Any:
     def command(
         run_dir: Path = typer.Argument(..., help="run folder"),
         recipe: Path | None = RecipeOpt,
@@ -153,10 +132,39 @@ def _stage_command(stage: str, help_text: str) -> None:
         run_one_stage(stage, run_dir, recipe, sets, workers, quiet)
 
     command.__doc__ = help_text
-    app.command(stage)(command)
+    return command
 
 
-@app.command("clean")
+def fetch_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder"),
+    recipe: Path | None = RecipeOpt,
+    sets: list[str] | None = SetOpt,
+    concurrency: int | None = typer.Option(None, "--concurrency", min=1, help="downloads in flight"),
+    allow_private_hosts: bool = typer.Option(
+        False, "--allow-private-hosts", help="allow private/loopback targets (local mirrors, tests)"
+    ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="only re-try rows an earlier fetch dropped for transient reasons"
+    ),
+    workers: int = WorkersOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Download images for rows that have only an image_url (or re-try the transient failures)."""
+    overrides = {"concurrency": concurrency, "allow_private_hosts": allow_private_hosts or None}
+    if not retry_failed:
+        run_one_stage("fetch", run_dir, recipe, sets, workers, quiet, overrides=overrides)
+        return
+    from pipelines.retry import retry_failed as retry_pass
+
+    config = stage_options("fetch", run_dir, recipe, sets)
+    config = type(config).model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v}})
+    summary = retry_pass(run_dir, config, progress=not quiet)
+    console.print(
+        f"[bold]fetch --retry-failed[/]: {summary['retried']} retried, {summary['recovered']} recovered, "
+        f"{summary['still_failing']} still failing"
+    )
+
+
 def clean_cmd(
     run_dir: Path = typer.Argument(..., help="run folder"),
     recipe: Path | None = RecipeOpt,
@@ -170,13 +178,13 @@ def clean_cmd(
     run_one_stage("dedup", run_dir, recipe, dedup_sets, workers, quiet)
 
 
-@app.command("export")
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="run folder"),
     fmt: str = typer.Option("parquet", "--format", help="parquet (HF layout in DIR/surd) or imagefolder"),
     test_fraction: float | None = typer.Option(None, "--test-fraction", help="share of ids in the test split"),
     shard_size_mb: float | None = typer.Option(None, "--shard-size-mb", help="target Parquet shard size"),
     recipe: Path | None = RecipeOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Write the final dataset: DIR/surd/ (HF hub layout), or DIR/surd-imagefolder/ (original SURD layout)."""
     from pydantic import ValidationError
@@ -190,29 +198,26 @@ def export_cmd(
     try:
         config = ExportConfig.model_validate(base)
     except ValidationError as e:
-        raise SurdError(f"export options: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
-    _print_stats("export", export(run_dir, config, reviews=_reviews_for(run_dir)))
-    console.print(f"dataset: {run_dir / 'surd'}")
+        raise SurdError(explain_validation(e, "export options")) from None
+    print_stats("export", export(run_dir, config, reviews=_reviews_for(run_dir), progress=not quiet))
+    console.print(f"dataset: {layout.dataset_dir(run_dir)}")
 
 
-@app.command()
 def stats(
     run_dir: Path = typer.Argument(..., help="run folder"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Rows in / kept / dropped (by reason) for every stage of a run."""
-    from pipelines.stages import ORDER
     from surd.shards import stage_stats
 
     if not Path(run_dir).is_dir():
         raise SurdError(f"run folder not found: {run_dir}")
     result = {}
-    for stage in ORDER:
-        if (Path(run_dir) / stage / "_stats").is_dir():
-            s = stage_stats(Path(run_dir) / stage)
-            result[stage] = {"in": s["in"], "kept": s["kept"], "dropped": dict(sorted(s["dropped"].items()))}
-            if s.get("counters"):
-                result[stage]["counters"] = s["counters"]
+    for stage in layout.stages_present(run_dir):
+        s = stage_stats(layout.stage_dir(run_dir, stage))
+        result[stage] = {"in": s["in"], "kept": s["kept"], "dropped": dict(sorted(s["dropped"].items()))}
+        if s.get("counters"):
+            result[stage]["counters"] = s["counters"]
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -225,27 +230,26 @@ def stats(
     console.print(table)
 
 
-@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="run folder"),
     output: Path = typer.Option(..., "-o", "--output", help="HTML file to write"),
 ) -> None:
     """A self-contained HTML report: funnel, drop reasons, histograms, sample grid."""
-    from pipelines.stages import ORDER
     from surd.report import write_report
 
     if not Path(run_dir).is_dir():
         raise SurdError(f"run folder not found: {run_dir}")
-    write_report(run_dir, output, stages=ORDER)
+    write_report(run_dir, output)
     console.print(f"report: {output}")
+
+
+models_app = typer.Typer(help="Model folders for the demo and tests.", no_args_is_help=True)
 
 
 @models_app.command("tiny")
 def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/")) -> None:
     """Write tiny randomly initialised models (CLIP, LLM, SD) for the offline demo and tests."""
-    from adapter.tiny import write_tiny_sd
-    from surd.clip import write_tiny_clip
-    from surd.llm import write_tiny_llm
+    from surd.demo.tiny import write_tiny_clip, write_tiny_llm, write_tiny_sd
 
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_clip(out / "clip")
@@ -255,44 +259,15 @@ def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/")) ->
     console.print(f"tiny models written to {out}")
 
 
-for _stage, _help in {
-    "dedup": "Drop exact and near-duplicate images (part of `surd clean`).",
-    "nsfw": "Score images with the NSFW classifier; drop or flag.",
-    "pair": "Write narrative prompts (LLM rewrite, captioner, or both).",
-    "score": "CLIP-score prompts against images and keep matching narratives.",
-}.items():
-    _stage_command(_stage, _help)
-
-
-def _register_plugins() -> None:
-    """Commands owned by other packages (they import surd, so they register themselves here)."""
-    from adapter import cli as adapter_cli
-    from adapter import eval_cli
-    from annotations import cli as annotations_cli
-    from surd import cli_fetch
-
-    for module in (annotations_cli, adapter_cli, eval_cli, cli_fetch):
-        module.register(app)
-
-
-_register_plugins()
-
-
-def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except SurdError as e:
-        err.print(f"[red]error:[/] {e}")
-        sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+def register(app: typer.Typer) -> None:
+    """Add the dataset commands to the `surd` command line."""
+    app.command("run")(run)
+    app.command("collect")(collect_cmd)
+    app.command("fetch")(fetch_cmd)
+    app.command("clean")(clean_cmd)
+    for stage, help_text in STAGE_HELP.items():
+        app.command(stage)(_stage_command(stage, help_text))
+    app.command("export")(export_cmd)
+    app.command("stats")(stats)
+    app.command("report")(report)
+    app.add_typer(models_app, name="models")

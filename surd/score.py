@@ -25,7 +25,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +32,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from surd.errors import StageError
+from surd.models import clip_label, load_open_clip
 from surd.rows import Drop, StageConfig
 
 EMBEDDINGS_SCHEMA = pa.schema([
@@ -62,8 +62,8 @@ class ScoreConfig(StageConfig):
                                           "this below clip_keyword")
     save_embeddings: bool = Field(False, description="hand float16 embeddings keyed by id to the executor")
 
-    def build(self) -> ClipScorer:
-        return ClipScorer(self)
+    def build(self) -> Scorer:
+        return Scorer(self)
 
 
 @dataclass
@@ -76,14 +76,6 @@ class Scored:
     keyword_truncated: bool = False
     narrative_truncated: int = 0
     embeddings: tuple[Any, Any, Any] | None = None  # float16 (image, keyword, best narrative)
-
-
-def model_label(model: str, pretrained: str | None) -> str:
-    if Path(model).expanduser().is_dir():
-        return f"local-dir:{Path(model).name}"
-    if pretrained and Path(pretrained).expanduser().is_file():
-        return f"{model}/{Path(pretrained).name}"
-    return f"{model}/{pretrained or 'random'}"
 
 
 class _Images:
@@ -112,14 +104,14 @@ def _as_list(items: list[Any]) -> list[Any]:
     return items
 
 
-class ClipScorer:
+class Scorer:
     """The score stage's processor (see module doc)."""
 
     plan_streaming = True  # plan() also takes an iterator of RecordBatches: no need to hold every image at once
 
     def __init__(self, config: ScoreConfig) -> None:
         self.config = config
-        self.label = model_label(config.model, config.pretrained)
+        self.label = clip_label(config.model, config.pretrained)
         self.counters: Counter[str] = Counter()
         self._model: Any = None
         self._planned: dict[tuple[str, str | None], Scored] | None = None
@@ -137,27 +129,13 @@ class ClipScorer:
     def setup(self) -> None:
         if self._model is not None or self._planned is not None:
             return
-        import open_clip
-        import torch
-
         c = self.config
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
-        precision = c.precision if c.precision != "auto" else ("fp16" if self.device.startswith("cuda") else "fp32")
-        name, pretrained = c.model, c.pretrained
-        if Path(name).expanduser().is_dir():
-            name, pretrained = f"local-dir:{Path(name).expanduser()}", None
-        elif pretrained and Path(pretrained).expanduser().is_file():
-            pretrained = str(Path(pretrained).expanduser())
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=self.device, precision=precision, weights_only=True)
-            self._tokenizer = open_clip.get_tokenizer(name)
-        except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
-            raise StageError(f"score: cannot load open_clip model {c.model!r} (pretrained {c.pretrained!r}): {e}"
-                             ) from None
-        self._model, self._preprocess = model.eval(), preprocess
-        self._dtype = next(model.parameters()).dtype
-        self._context = int(getattr(model, "context_length", 77) or 77)
+        clip = load_open_clip(c.model, c.pretrained, c.device, c.precision, what="score: open_clip model",
+                              error=StageError)
+        self.device, self._tokenizer, self._preprocess = clip.device, clip.tokenizer, clip.preprocess
+        self._model = clip.model
+        self._dtype = next(clip.model.parameters()).dtype
+        self._context = int(getattr(clip.model, "context_length", 77) or 77)
 
     # ------------------------------------------------------------------ scoring
 
@@ -313,35 +291,6 @@ def _candidates(row: dict[str, Any]) -> list[str]:
     if not candidates and row.get("narrative_prompt"):
         candidates = [row["narrative_prompt"]]
     return candidates
-
-
-def write_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random open_clip model as a local checkpoint folder (open_clip_config.json + safetensors).
-
-    It loads through the same `local-dir:` code path as a real checkpoint folder downloaded from the Hub.
-    """
-    import json
-
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model_cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-    preprocess_cfg = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
-                      "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
-                      "resize_mode": "shortest"}
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
-                                                          indent=2))
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**model_cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    return out
 
 
 def encode_text_trimmed(model: Any, tokens: Any) -> Any:

@@ -48,7 +48,8 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     ) -> None:
         """Generate with the base model and the adapter from the same seeds; CLIP scores, probe accuracy, reports."""
-        from adapter.evaluate import EvalConfig, run_eval
+        from adapter.config import EvalConfig
+        from adapter.evaluate import run_eval
 
         try:
             config = EvalConfig(

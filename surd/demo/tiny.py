@@ -1,13 +1,17 @@
-"""Tiny randomly initialised Stable Diffusion folders (diffusers layout) for tests and the offline demo.
+"""Every tiny randomly initialised model the demo and the tests use, written as the owning library saves it.
 
-Everything is built from config objects; the tokenizer is a CLIP BPE tokenizer made from open_clip's
-bundled vocabulary (cut to its first merges so the embedding table stays small). Images produced with
-these models are noise: they exist to exercise the code paths, not to be looked at.
+CLIP (open_clip checkpoint folder), a chat LLM (transformers), a captioner (BLIP), a teacher LLM and Stable
+Diffusion folders (diffusers layout), plus a tiny exported SURD dataset. Everything is built from config
+objects; CLIP-style tokenizers come from open_clip's bundled BPE vocabulary (cut to its first merges so the
+embedding table stays small). Nothing is downloaded. Images produced with these models are noise: they
+exist to exercise the code paths, not to be looked at.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -164,6 +168,7 @@ def write_tiny_dataset(run_dir: Path, n: int = 16, size: int = 40, test: int = 2
 
     from PIL import Image, ImageDraw
 
+    from surd import layout
     from surd.schema import from_rows
     from surd.shards import write_table
 
@@ -192,7 +197,7 @@ def write_tiny_dataset(run_dir: Path, n: int = 16, size: int = 40, test: int = 2
             "narrative_prompt": f"a {colour} {shape} on a white background",
             "split": "test" if i >= n - test else "train",
         })
-    path = Path(run_dir) / "surd" / "data" / "train-00000-of-00001.parquet"
+    path = layout.dataset_data_dir(run_dir) / "train-00000-of-00001.parquet"
     write_table(path, from_rows(rows))
     return Path(run_dir)
 
@@ -206,3 +211,102 @@ def write_tiny_world(root: Path, *, text_dim: int = 32, n: int = 14) -> dict[str
         "run": write_tiny_dataset(root / "run", n=n),
         "root": root,
     }
+
+
+def write_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random open_clip model as a local checkpoint folder (open_clip_config.json + safetensors).
+
+    It loads through the same `local-dir:` code path as a real checkpoint folder downloaded from the Hub.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    preprocess_cfg = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+                      "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                      "resize_mode": "shortest"}
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                          indent=2))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return out
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_llm(out_dir: str | Path, seed: int = 0, init_std: float = 0.02) -> Path:
+    """A tiny random LlamaForCausalLM plus a byte-level BPE tokenizer with a chat template, all offline.
+
+    A larger `init_std` gives peakier logits, so greedy outputs vary with the input (tests of exactness).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [(resources.files("surd") / "templates" / f"{t}.yaml").read_text()
+              for t in ("rewrite-v1", "caption-rewrite-v1")]
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<|im_end|>",
+                                        bos_token="<|im_start|>", chat_template=CHATML)
+    tokenizer.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        initializer_range=init_std,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+TINY_WORDS = ("a an the of in on with and is are two three man woman girl boy cat dog car tree house city "
+              "street garden beach sky red blue green yellow black white standing sitting running sleeping "
+              "photo picture painting at night day sunset").split()
+
+
+def write_tiny_captioner(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random BLIP captioner with a word-level BERT vocabulary, written without any download."""
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TINY_WORDS]
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, bos_token="[DEC]")
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+    processor.save_pretrained(out)
+    config = BlipConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "encoder_hidden_size": 32, "max_position_embeddings": 64,
+                     "bos_token_id": vocab.index("[DEC]"), "sep_token_id": vocab.index("[SEP]"),
+                     "eos_token_id": vocab.index("[SEP]"), "pad_token_id": 0},
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(config).save_pretrained(out)
+    return out

@@ -20,8 +20,8 @@ from typing import Any
 from PIL import Image, ImageEnhance
 from PIL.PngImagePlugin import PngInfo
 
-from surd.demo_art import SCENES, bench_image, draw_scene
-from surd.demo_prompts import comfy_graphs, infotext, keyword_prompt, long_prompt, narrative_for, negative_prompt
+from surd.demo.art import SCENES, bench_image, draw_scene
+from surd.demo.prompts import comfy_graphs, infotext, keyword_prompt, long_prompt, narrative_for, negative_prompt
 from surd.errors import SurdError
 
 MARKER = ".surd-demo"  # written into a demo folder; a non-empty folder without it is never written to

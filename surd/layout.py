@@ -1,0 +1,79 @@
+"""Every path of a run folder, spelled once. Everyone who reads or writes a run folder asks here.
+
+    RUN/<stage>/...              one folder per stage in data-flow order (`STAGES`); inside it, the shard
+                                 layout of `surd.shards` plus `_fingerprint.json` (what the stage was built from)
+    RUN/surd/                    the exported dataset (HF hub layout: data/<split>-NNNNN-of-NNNNN.parquet, README.md)
+    RUN/surd-imagefolder/        the original SURD layout (<split>/metadata.jsonl + images)
+    RUN/reviews.parquet          reviewers' decisions pulled from Label Studio (applied by export)
+    RUN/review/thumbs/           thumbnails served to Label Studio
+    RUN/adapter/                 a recipe's training run (adapter.safetensors, checkpoints/, logs/, validation/)
+    DATA/cache/                  content-keyed caches of a dataset folder (latents, text, teacher vectors)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The data-flow order. `collect` writes one sub-folder per source; `export` writes RUN/surd.
+STAGES: tuple[str, ...] = ("collect", "fetch", "clean", "dedup", "nsfw", "pair", "score", "export")
+
+DATASET = "surd"
+IMAGEFOLDER = "surd-imagefolder"
+REVIEWS = "reviews.parquet"
+THUMBS = Path("review") / "thumbs"
+ADAPTER = "adapter"
+CACHE = "cache"
+FINGERPRINT = "_fingerprint.json"
+REPORT = "report.html"
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def dataset_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / DATASET
+
+
+def dataset_data_dir(run_dir: Path) -> Path:
+    """The Parquet files of the exported dataset: RUN/surd/data."""
+    return dataset_dir(run_dir) / "data"
+
+
+def find_dataset(path: Path) -> Path | None:
+    """The exported dataset for a run folder or a dataset folder itself (one holding data/*.parquet), or None."""
+    path = Path(path)
+    for candidate in (dataset_dir(path), path):
+        if any((candidate / "data").glob("*.parquet")):
+            return candidate
+    return None
+
+
+def imagefolder_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / IMAGEFOLDER
+
+
+def reviews_path(run_dir: Path) -> Path:
+    return Path(run_dir) / REVIEWS
+
+
+def thumbs_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / THUMBS
+
+
+def adapter_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / ADAPTER
+
+
+def cache_dir(data: Path) -> Path:
+    """Caches live in the folder given as the training data, shared by every run on it."""
+    return Path(data) / CACHE
+
+
+def report_path(run_dir: Path) -> Path:
+    return Path(run_dir) / REPORT
+
+
+def stages_present(run_dir: Path) -> list[str]:
+    """The stages of STAGES that have written statistics in this run folder, in data-flow order."""
+    return [s for s in STAGES if (stage_dir(run_dir, s) / "_stats").is_dir()]
