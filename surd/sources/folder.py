@@ -201,7 +201,7 @@ def explain(paths: Iterable[str | Path], *, bare_comments: bool = False) -> list
         entry: dict[str, Any] = {"file": str(raw), "readings": [_summary(r) for r in readings]}
         if isinstance(found, PromptInfo):
             entry["row"] = "kept"
-            entry.update({k: v for k, v in _summary(found).items()})
+            entry.update(_summary(found))
         else:
             entry["row"] = "dropped"
             entry["reason"] = found.reason if found is not None else "no_prompt"
