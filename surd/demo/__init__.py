@@ -134,8 +134,9 @@ def make_demo_data(out: Path, seed: int = 0) -> dict[str, Any]:
         text = infotext(keyword_prompt(theme, rng), negative_prompt(rng), rng, image.size)
         ext = "jpg" if fmt == "JPEG" else "webp"
         w.write(f"exif/{i:05d}.{ext}", encoded(image, fmt, exif=exif_bytes(user_comment(text, enc))), f"exif_{ext}")
-    image, theme, rng = scene(320)
-    w.write("misc/comment.jpg", encoded(image, "JPEG", comment=keyword_prompt(theme, rng)), "jpeg_comment")
+    image, theme, rng = scene(320)  # a comment is read as a prompt when it carries settings (or when asked)
+    text = infotext(keyword_prompt(theme, rng), negative_prompt(rng), rng, image.size)
+    w.write("misc/comment.jpg", encoded(image, "JPEG", comment=text), "jpeg_comment")
     # sidecars: plain .txt, infotext .txt, .json (two spellings of the negative prompt key)
     image, theme, rng = scene(300)
     w.write("sidecars/plain.png", png_bytes(image), "sidecar_image")

@@ -5,15 +5,18 @@ Layout (poloclub/diffusiondb): `metadata.parquet` (2M) or `metadata-large.parque
 image_nsfw, prompt_nsfw`, and `images/part-000001.zip` ... holding the PNGs and `part-000001.json`
 (`{image_name: {"p": prompt, "se": seed, "c": cfg, "st": steps, "sa": sampler}}`). One partition per
 chosen part. Rows carry the image bytes, so the fetch stage passes them through.
+
+Zip members are size-checked from the zip's directory before reading and then read streamed, never past
+`max_member_bytes`: a member over it (a zip bomb: 1.5 GiB in 1.5 MB) is dropped as `member_too_large`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import posixpath
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -23,6 +26,7 @@ from pydantic import Field
 from surd.errors import SourceError
 from surd.rows import Drop
 from surd.sources.base import Row, SourceConfig
+from surd.sources.bounds import MAX_TEXT_BYTES, NotJson, OverBound, load_json
 from surd.sources.genmeta import as_float, as_int, clean_text, gen_meta_json, json_safe
 
 SOURCE = "diffusiondb"
@@ -44,6 +48,7 @@ class DiffusionDBConfig(SourceConfig):
     )
     part_path: str = Field("images/part-{part:06d}.zip", description="zip path under root, `{part}` filled in")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
+    max_member_bytes: int = Field(64 << 20, ge=1, description="larger zip members are dropped (member_too_large)")
 
     def build(self) -> DiffusionDBSource:
         return DiffusionDBSource(self)
@@ -76,6 +81,18 @@ class DiffusionDBSource:
             for record in self._records(part, archive, members):
                 yield self._row(record, archive, members, zip_url)
 
+    @staticmethod
+    def _member(archive: zipfile.ZipFile, member: str, limit: int) -> bytes:
+        """A member's bytes, checked against `limit` by the zip's directory first and then while reading."""
+        size = archive.getinfo(member).file_size
+        if size > limit:
+            raise OverBound("member_too_large", f"{size} bytes uncompressed (limit {limit})")
+        with archive.open(member) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise OverBound("member_too_large", f"inflates past {limit} bytes")
+        return data
+
     def _open(self, url: str) -> Any:
         import fsspec
 
@@ -89,7 +106,13 @@ class DiffusionDBSource:
             name = f"part-{part:06d}.json"
             if name not in members:
                 raise SourceError(f"diffusiondb part {part}: no {name} in the zip and `metadata` is null")
-            table = json.loads(archive.read(members[name]))
+            try:
+                text = self._member(archive, members[name], MAX_TEXT_BYTES)
+                table = load_json(text, f"{name} in part {part}")
+            except (OverBound, NotJson, zipfile.BadZipFile) as e:
+                raise SourceError(f"diffusiondb part {part}: cannot read {name}: {e}") from None
+            if not isinstance(table, dict):
+                raise SourceError(f"diffusiondb part {part}: {name} is not a JSON object")
             return [{"image_name": k, "prompt": v.get("p"), "seed": v.get("se"), "step": v.get("st"),
                      "cfg": v.get("c"), "sampler": v.get("sa"), "part_id": part}
                     for k, v in sorted(table.items()) if isinstance(v, dict)]
@@ -138,7 +161,12 @@ class DiffusionDBSource:
             return Drop("no_prompt", "metadata has no prompt", row=row)
         if name not in members:
             return Drop("image_missing", f"{name} is not in {zip_url}", row=row)
-        data = archive.read(members[name])
+        try:
+            data = self._member(archive, members[name], self.config.max_member_bytes)
+        except OverBound as e:
+            return Drop(e.reason, f"{name}: {e.detail}", row=row)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            return Drop("bad_member", f"{name}: {e}", row=row)
         try:
             with Image.open(io.BytesIO(data)) as img:  # header only: size and format, no decoding
                 width, height, image_format = img.width, img.height, img.format

@@ -6,12 +6,13 @@
 
 `metadata.jsonl` files in subfolders (`train/`, `test/`, as in the HF imagefolder layout) are read too, each
 relative to its own folder. `file_name` must be a relative path inside that folder: absolute paths, `..` and
-symlinks leading outside are refused (`unsafe_path`) and never opened.
+symlinks leading outside are refused (`unsafe_path`) and never opened; so are FIFOs, devices and sockets
+(`not_a_regular_file`) and files over 256 MiB (`file_too_large`). A line over `MAX_LINE_BYTES` or nested deeper
+than `MAX_JSON_DEPTH` is dropped (`metadata_too_large`, `json_too_deep`; see `surd.sources.bounds`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,9 @@ from pydantic import Field
 from surd.errors import SourceError
 from surd.rows import Drop
 from surd.sources.base import Row, SourceConfig
+from surd.sources.bounds import OverBound
 from surd.sources.genmeta import clean_text, safe_str
-from surd.sources.localfiles import line_partitions, meta_json, read_lines, safe_join
+from surd.sources.localfiles import json_line, line_partitions, meta_json, read_image_file, read_lines, safe_join
 
 SOURCE = "imagefolder"
 METADATA = "metadata.jsonl"
@@ -83,11 +85,13 @@ class ImageFolderSource:
         for number, line in read_lines(meta_path, partition):
             yield self.read_line(folder, prefix, f"{partition['file']} line {number}", line)
 
-    def read_line(self, folder: Path, prefix: str, where: str, line: str) -> Row | Drop:
+    def read_line(self, folder: Path, prefix: str, where: str, line: str | None) -> Row | Drop:
         """One metadata line as a row (or a Drop with the reason); `where` names the file and line."""
         bad = {"id": f"{SOURCE}:{where}", "source": SOURCE}
         try:
-            record = json.loads(line)
+            record = json_line(line, where)
+        except OverBound as e:
+            return Drop(e.reason, e.detail, row=bad)
         except ValueError as e:
             return Drop("bad_metadata_line", f"{where}: {e}", row=bad)
         if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
@@ -102,7 +106,9 @@ class ImageFolderSource:
         if prompt is None:
             return Drop("no_prompt", f"{where}: no 'prompt'", row=row)
         try:
-            data = path.read_bytes()
+            data = read_image_file(path)
+        except OverBound as e:
+            return Drop(e.reason, f"{where}: {rel}: {e.detail}", row=row)
         except (OSError, ValueError) as e:
             return Drop("missing_file", f"{where}: {rel}: {getattr(e, 'strerror', None) or e}", row=row)
         narrative = clean_text(record.get("text"))

@@ -1,4 +1,4 @@
-"""Helpers shared by the local-file sources: path safety, JSON-lines partitions, ids."""
+"""Helpers shared by the local-file sources: path safety, bounded file and JSON-lines reading, ids."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from surd.sources.bounds import MAX_LINE_BYTES, OverBound, load_json, read_regular
 from surd.sources.genmeta import clean_text, gen_meta_json, safe_str
-from surd.sources.metadata import PromptInfo, normalise_meta
+from surd.sources.infotext import normalise_meta
+from surd.sources.readings import PromptInfo
 
 MAX_SIDECAR_BYTES = 4 << 20
+MAX_IMAGE_BYTES = 256 << 20  # an image file named by a table or metadata.jsonl
+_CHUNK = 1 << 20
 
 
 def safe_join(root: Path, rel: str, *, allow_symlinks: bool = True) -> Path | None:
@@ -40,13 +44,16 @@ def safe_join(root: Path, rel: str, *, allow_symlinks: bool = True) -> Path | No
 
 
 def read_small(path: Path, limit: int = MAX_SIDECAR_BYTES) -> str | None:
-    """A small text file's content, or None when it is missing, unreadable or larger than `limit`."""
+    """A small text file's content, or None when it is missing, unreadable, not a regular file or over `limit`."""
     try:
-        if not path.is_file() or path.stat().st_size > limit:
-            return None
-        return path.read_bytes().decode("utf-8", "replace")
-    except OSError:
+        return read_regular(path, limit).decode("utf-8", "replace")
+    except (OSError, OverBound):
         return None
+
+
+def read_image_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """An image file's bytes; `OverBound` for a FIFO, device or socket (never opened blocking) or a huge file."""
+    return read_regular(path, limit)
 
 
 def is_url(value: str) -> bool:
@@ -80,6 +87,19 @@ def prompt_columns(info: PromptInfo) -> dict[str, Any]:
     }
 
 
+def _read_line(f: Any) -> tuple[bytes, int]:
+    """(the line, or its first MAX_LINE_BYTES + 1 bytes when longer; its full length in bytes)."""
+    raw = f.readline(MAX_LINE_BYTES + 1)
+    size = len(raw)
+    if size > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+        while True:  # skip the rest of an over-long line without holding it
+            more = f.readline(_CHUNK)
+            size += len(more)
+            if not more or more.endswith(b"\n"):
+                break
+    return raw, size
+
+
 def line_partitions(path: Path, rel: str, lines_per_part: int) -> list[dict[str, Any]]:
     """Split a JSON-lines file into partitions of whole lines: {"file", "offset" (bytes), "line" (1-based), "lines"}."""
     parts: list[dict[str, Any]] = []
@@ -89,10 +109,10 @@ def line_partitions(path: Path, rel: str, lines_per_part: int) -> list[dict[str,
         while True:
             start, first, count = offset, line, 0
             while count < lines_per_part:
-                raw = f.readline()
+                raw, size = _read_line(f)
                 if not raw:
                     break
-                offset += len(raw)
+                offset += size
                 line += 1
                 count += 1
             if count:
@@ -101,14 +121,24 @@ def line_partitions(path: Path, rel: str, lines_per_part: int) -> list[dict[str,
                 return parts
 
 
-def read_lines(path: Path, partition: dict[str, Any]) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a partition's non-blank lines."""
+def read_lines(path: Path, partition: dict[str, Any]) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of a partition's non-blank lines; text None for a line over MAX_LINE_BYTES."""
     with path.open("rb") as f:
         f.seek(int(partition["offset"]))
         for i in range(int(partition["lines"])):
-            raw = f.readline()
+            raw, size = _read_line(f)
             if not raw:
                 return
+            if size > MAX_LINE_BYTES:
+                yield int(partition["line"]) + i, None
+                continue
             text = raw.decode("utf-8", "replace").strip()
             if text:
                 yield int(partition["line"]) + i, text
+
+
+def json_line(text: str | None, where: str) -> Any:
+    """One JSON-lines record within the bounds: raises `OverBound` (too long, too deep) or ValueError (not JSON)."""
+    if text is None:
+        raise OverBound("metadata_too_large", f"{where}: a line over {MAX_LINE_BYTES} bytes")
+    return load_json(text, where)

@@ -6,13 +6,14 @@
 
 An image column may hold a path (relative to the table file's folder; absolute paths, `..` and symlinks
 leading outside are refused as `unsafe_path`), an http(s) URL, raw bytes, or an HF `{"bytes", "path"}`
-struct. URLs go to `image_url` for the fetch stage. Other scalar columns go into `gen_meta` unless
+struct (FIFOs, devices and sockets are refused as `not_a_regular_file`, files over 256 MiB as `file_too_large`).
+URLs go to `image_url` for the fetch stage. A JSON line over the bounds of `surd.sources.bounds` is dropped
+(`metadata_too_large`, `json_too_deep`). Other scalar columns go into `gen_meta` unless
 `meta_columns` names the ones to keep.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -24,8 +25,17 @@ from pydantic import Field, model_validator
 from surd.errors import SourceError
 from surd.rows import Drop
 from surd.sources.base import Row, SourceConfig
+from surd.sources.bounds import OverBound
 from surd.sources.genmeta import clean_text, safe_str
-from surd.sources.localfiles import is_url, line_partitions, meta_json, read_lines, safe_join
+from surd.sources.localfiles import (
+    is_url,
+    json_line,
+    line_partitions,
+    meta_json,
+    read_image_file,
+    read_lines,
+    safe_join,
+)
 
 
 class TabularConfig(SourceConfig):
@@ -118,14 +128,18 @@ class TableSource:
         if self.kind == "jsonl":
             for number, line in read_lines(path, partition):
                 where = f"{partition['file']}:{number}"
+                bad = {"id": f"jsonl:{where}", "source": "jsonl"}
                 try:
-                    record, problem = json.loads(line), "not a JSON object"
+                    record, problem = json_line(line, where), "not a JSON object"
+                except OverBound as e:
+                    yield Drop(e.reason, e.detail, row=bad)
+                    continue
                 except ValueError as e:
                     record, problem = None, str(e)
                 if isinstance(record, dict):
                     yield self.read_record(record, path.parent, where)
                 else:
-                    yield Drop("bad_json_line", f"{where}: {problem}", row={"id": f"jsonl:{where}", "source": "jsonl"})
+                    yield Drop("bad_json_line", f"{where}: {problem}", row=bad)
             return
         for index, record in self._parquet_rows(path, partition["start"], partition["stop"]):
             yield self.read_record(record, path.parent, f"{partition['file']}:{index}")
@@ -204,7 +218,9 @@ class TableSource:
         if path is None:
             return None, None, ("unsafe_path", f"{where}: {value!r} is not a path inside {folder}")
         try:
-            data = path.read_bytes()
+            data = read_image_file(path)
+        except OverBound as e:
+            return None, None, (e.reason, f"{where}: {safe_str(value)}: {e.detail}")
         except (OSError, ValueError) as e:
             return None, None, ("missing_file", f"{where}: {safe_str(value)}: {getattr(e, 'strerror', None) or e}")
         return {"bytes": data, "path": safe_str(value.replace("\\", "/"))}, url, None
