@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -403,3 +404,22 @@ def test_explain_lists_every_reading(tmp_path):
     assert "saver.png: kept from comfyui:prompt [comfyui]" in text and "note.jpg: dropped (no_prompt)" in text
     assert explain([tmp_path / "note.jpg"], bare_comments=True)[0]["prompt"] == "re-saved in GIMP"
 
+
+
+def test_explain_command_names_the_reader_and_the_row(tmp_path):
+    from typer.testing import CliRunner
+
+    from surd.cli import app
+
+    infotext = "a red fox\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5"
+    (tmp_path / "a.png").write_bytes(png({"parameters": infotext}))
+    (tmp_path / "note.jpg").write_bytes(jpeg_with_comment("re-saved in GIMP"))
+    result = CliRunner().invoke(app, ["explain", str(tmp_path / "a.png"), str(tmp_path / "note.jpg"), "--json"])
+    assert result.exit_code == 0, result.output
+    entries = {Path(e["file"]).name: e for e in json.loads(result.output)}
+    assert entries["a.png"]["row"] == "kept" and entries["a.png"]["prompt"] == "a red fox"
+    assert entries["note.jpg"]["row"] == "dropped"
+    opted_in = CliRunner().invoke(app, ["explain", str(tmp_path / "note.jpg"), "--bare-comments", "--json"])
+    assert json.loads(opted_in.output)[0]["row"] == "kept"
+    missing = CliRunner().invoke(app, ["explain", str(tmp_path / "nope.png")])
+    assert missing.exit_code != 0 and "not a file" in str(missing.exception or missing.output)

@@ -1,5 +1,5 @@
-"""Dataset commands: `surd run`, `collect`, `fetch`, the other stage commands, `export`, `stats`, `report`,
-`models tiny`."""
+"""Dataset commands: `surd run`, `collect`, `explain`, `fetch`, the other stage commands, `export`, `stats`,
+`report`, `models tiny`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,25 @@ def collect_cmd(
            "api_base": api_base, "rows_per_shard": rows_per_shard, **parse_sets(option, "--option")}
     config = source_config({k: v for k, v in raw.items() if v is not None})
     print_stats("collect", collect(out, config, workers=workers, progress=not quiet))
+
+
+def explain_cmd(
+    files: list[Path] = typer.Argument(..., help="image files (sidecars beside them are read too)"),
+    bare_comments: bool = typer.Option(False, "--bare-comments", help="as the folder source option: a comment "
+                                       "without generation settings counts as a prompt"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of lines"),
+) -> None:
+    """Which metadata reader matched each file and what it found: the row the folder source would make."""
+    from surd.sources.folder import explain, explain_text
+
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SurdError(f"not a file: {', '.join(missing)}")
+    entries = explain(files, bare_comments=bare_comments)
+    if as_json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+    else:
+        console.print(explain_text(entries), markup=False, highlight=False, soft_wrap=True)
 
 
 def stage_options(stage: str, run_dir: Path, recipe: Path | None, sets: list[str] | None) -> Any:
@@ -263,6 +282,7 @@ def register(app: typer.Typer) -> None:
     """Add the dataset commands to the `surd` command line."""
     app.command("run")(run)
     app.command("collect")(collect_cmd)
+    app.command("explain")(explain_cmd)
     app.command("fetch")(fetch_cmd)
     app.command("clean")(clean_cmd)
     for stage, help_text in STAGE_HELP.items():
