@@ -11,7 +11,17 @@ import typer
 from rich.table import Table
 
 from surd import layout
-from surd.cli.common import OutOpt, QuietOpt, RecipeOpt, SetOpt, WorkersOpt, console, parse_sets, print_stats
+from surd.cli.common import (
+    OutOpt,
+    QuietOpt,
+    RecipeOpt,
+    SetOpt,
+    WorkersOpt,
+    console,
+    parse_sets,
+    print_stats,
+    require_run,
+)
 from surd.errors import SurdError, explain_validation
 
 STAGE_HELP = {
@@ -229,8 +239,7 @@ def stats(
     """Rows in / kept / dropped (by reason) for every stage of a run."""
     from surd.shards import stage_stats
 
-    if not Path(run_dir).is_dir():
-        raise SurdError(f"run folder not found: {run_dir}")
+    require_run(run_dir)
     result = {}
     for stage in layout.stages_present(run_dir):
         s = stage_stats(layout.stage_dir(run_dir, stage))
@@ -256,8 +265,7 @@ def report(
     """A self-contained HTML report: funnel, drop reasons, histograms, sample grid."""
     from surd.report import write_report
 
-    if not Path(run_dir).is_dir():
-        raise SurdError(f"run folder not found: {run_dir}")
+    require_run(run_dir)
     write_report(run_dir, output)
     console.print(f"report: {output}")
 
