@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand
 
 from surd import layout
 from surd.cli.common import (
@@ -85,6 +86,31 @@ def _prepare(prepare: Any) -> None:
         tiny(Path(prepare.tiny_models))
 
 
+# Source options that `surd collect` takes as their own flag (the rest: --option KEY=VALUE).
+COLLECT_FLAGS = {"path": "PATH", "name": "--name", "max_items": "--max-items", "limit": "--limit",
+                 "api_base": "--api-base", "rows_per_shard": "--rows-per-shard"}
+
+
+class CollectCommand(TyperCommand):
+    """`surd collect`, whose `--help` ends with the options of the source named on the line (or the sources)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        takes_value = {name for p in self.params if p.param_type_name == "option" and not getattr(p, "is_flag", False)
+                       for name in p.opts}
+        words = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in takes_value)]
+        ctx.meta["surd.source"] = words[0] if words else None
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from surd.sources import SOURCE_TYPES, source_help
+
+        source = ctx.meta.get("surd.source")
+        text = source_help(source, COLLECT_FLAGS) if source else (  # an unknown source fails here, in one line
+            f"Sources: {', '.join(SOURCE_TYPES)}. Each one's options: surd collect SOURCE --help")
+        super().format_help(ctx, formatter)  # typer's rich help prints now; the formatter's text follows it
+        formatter.write(f"\n{text}\n")
+
+
 def collect_cmd(
     source: str = typer.Argument(..., help="folder, imagefolder, parquet, jsonl, civitai, diffusiondb, lexica"),
     path: str | None = typer.Argument(None, help="folder or file to read (local sources)"),
@@ -98,7 +124,7 @@ def collect_cmd(
     workers: int = WorkersOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Collect prompt/image pairs from a source into OUT/collect/<name>/."""
+    """Collect prompt/image pairs from a source into OUT/collect/<name>/ (`surd collect SOURCE --help`: its options)."""
     from pipelines.collect import collect
     from surd.sources import source_config
 
@@ -289,7 +315,7 @@ def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/")) ->
 def register(app: typer.Typer) -> None:
     """Add the dataset commands to the `surd` command line."""
     app.command("run")(run)
-    app.command("collect")(collect_cmd)
+    app.command("collect", cls=CollectCommand)(collect_cmd)
     app.command("explain")(explain_cmd)
     app.command("fetch")(fetch_cmd)
     app.command("clean")(clean_cmd)

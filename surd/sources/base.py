@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from surd.rows import Drop
 
@@ -67,10 +67,12 @@ class SourceConfig(BaseModel):
 
     # Options that only bound or pace a run (not what rows it yields): they may change when a run resumes.
     RUN_OPTIONS: ClassVar[frozenset[str]] = frozenset({"max_items"})
+    # At least one of these options must be given (not null, not empty); `surd collect TYPE --help` says so.
+    ONE_OF: ClassVar[tuple[str, ...]] = ()
 
     type: str
     name: str | None = Field(None, description="subfolder under collect/ (a plain folder name); defaults to the type")
-    rows_per_shard: int = Field(500, ge=1)
+    rows_per_shard: int = Field(500, ge=1, description="rows per collect shard")
 
     @field_validator("name")
     @classmethod
@@ -79,6 +81,12 @@ class SourceConfig(BaseModel):
             raise ValueError(f"source name {name!r} is not a plain folder name (1-64 letters, digits, '.', '_', '-', "
                              f"starting with a letter or digit; not {', '.join(sorted(_RESERVED_NAMES))})")
         return name
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SourceConfig:
+        if self.ONE_OF and all(getattr(self, key) in (None, "", [], {}) for key in self.ONE_OF):
+            raise ValueError(f"{self.type} source: set {' or '.join(self.ONE_OF)}")
+        return self
 
     @property
     def folder(self) -> str:
