@@ -80,7 +80,7 @@ def test_bare_commands_print_help_and_succeed(entry: list[str], args: list[str])
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "Usage" in result.stdout and "--help" in result.stdout
     if not args:
-        assert all(command in result.stdout for command in ("run", "collect", "stats"))
+        assert all(command in result.stdout for command in ("run", "collect", "stats", "doctor"))
 
 
 def test_long_errors_stay_on_one_line_with_brackets_intact(tmp_path: Path) -> None:
