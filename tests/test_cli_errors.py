@@ -198,3 +198,17 @@ def test_stats_and_report_on_a_folder_that_is_not_a_run(tmp_path: Path, command:
         result = surd(command[0], str(target), *command[1:], cwd=tmp_path)
         assert_one_line_error(result, str(target), needle)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_surd_traceback_shows_where_an_os_error_came_from(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    env = {**os.environ, "SURD_TRACEBACK": "1"}
+    result = subprocess.run([sys.executable, "-m", "surd", "stats", str(tmp_path / "file" / "run"), "--json"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and "error: run folder not found" in result.stderr  # a SurdError stays one line
+    out = tmp_path / "file" / "run"
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a lighthouse at dusk", "url": "http://x/a.png"}\n')
+    result = subprocess.run([sys.executable, "-m", "surd", "collect", "jsonl", str(tmp_path / "d.jsonl"), "--option",
+                             "image_url_column=url", "--out", str(out)], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "NotADirectoryError" in result.stderr

@@ -9,6 +9,7 @@ one `Error:` line; exit 2), `SurdError` and `OSError` as `error: ...` (exit 1). 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 import typer
@@ -53,6 +54,8 @@ def main() -> None:
     except OSError as e:
         if e.errno == errno.EPIPE:  # `surd stats RUN | head`: the reader left; nothing to say
             sys.exit(1)
+        if os.environ.get("SURD_TRACEBACK"):  # for a bug report: where the error came from
+            raise
         _fail(describe_os_error(e))
     # Without standalone mode, an Exit raised inside a command (`--help` included) comes back as its code.
     sys.exit(result if isinstance(result, int) else 0)
