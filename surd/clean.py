@@ -52,7 +52,7 @@ _CLOSER = {"(": ")", "[": "]"}
 
 # Raw prompts longer than this are dropped (prompt_too_long) before parsing. Parsing is linear in the text times
 # its bracket depth (each group's text is copied once per enclosing group), so the bound keeps a crafted prompt
-# to milliseconds; real prompts, extra networks and weights included, stay far below it.
+# under a fifth of a second; real prompts, extra networks and weights included, stay far below it.
 MAX_RAW_CHARS = 20_000
 
 
