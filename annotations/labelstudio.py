@@ -3,7 +3,8 @@
 A project is found by its title (created when missing) and always gets `interface.xml`. Each task carries
 the SURD `sample_id`, so pushing again never duplicates a sample. The corrected-narrative box is pre-filled
 through a prediction, so reviewers edit the current narrative instead of retyping it.
-The API key is only ever sent in the Authorization header: never printed, logged or written.
+The API key (a personal access token or a legacy token, see `tokens.py`) is only ever sent in the
+Authorization header: never printed, logged or written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import httpx
 import pyarrow as pa
 
 from annotations import reviews, selection
+from annotations.tokens import TokenAuth, refused, server_detail
 from surd import layout
 from surd.errors import SurdError
 
@@ -39,7 +41,7 @@ class LabelStudioError(SurdError):
 
 
 @contextlib.contextmanager
-def api_errors(url: str) -> Iterator[None]:
+def api_errors(url: str, kind: str = "API key") -> Iterator[None]:
     """Turn transport and API failures into one-line errors that name the server (never the key)."""
     from label_studio_sdk.core.api_error import ApiError
 
@@ -49,15 +51,12 @@ def api_errors(url: str) -> Iterator[None]:
         raise LabelStudioError(f"cannot reach Label Studio at {url}: {type(e).__name__}: {e}") from None
     except ApiError as e:
         if e.status_code in (401, 403):
-            raise LabelStudioError(
-                f"Label Studio at {url} refused the API key (HTTP {e.status_code}); "
-                "set LABEL_STUDIO_API_KEY or pass --api-key with a valid token"
-            ) from None
+            raise refused(url, kind, e.status_code, server_detail(e.body)) from None
         raise LabelStudioError(f"Label Studio at {url} answered HTTP {e.status_code}: {str(e.body)[:300]}") from None
 
 
 class Session:
-    """An authenticated connection to one Label Studio server."""
+    """An authenticated connection to one Label Studio server, with either kind of API token."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         from label_studio_sdk import LabelStudio
@@ -66,22 +65,29 @@ class Session:
         key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
         if not key:
             raise LabelStudioError("no Label Studio API key: set LABEL_STUDIO_API_KEY or pass --api-key")
-        self._key = key
-        self.client = LabelStudio(base_url=self.url, api_key=key, timeout=timeout)
-        with api_errors(self.url):
+        # Checked before the SDK sees it: an expired or wrong-kind token is a clear error, not an SDK traceback.
+        self.auth = TokenAuth(self.url, key)
+        self.token_kind = self.auth.kind
+        with self.errors():
+            self.client = LabelStudio(base_url=self.url, api_key=key, timeout=timeout)
             self.user = self.client.users.whoami()
 
     def __repr__(self) -> str:  # no key in tracebacks or logs
         return f"Session({self.url!r})"
 
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        return api_errors(self.url, self.token_kind)
+
     def get(self, path: str) -> httpx.Response:
         """A raw authenticated GET (for local-files probes the SDK has no call for)."""
-        headers = {"Authorization": f"Token {self._key}"}
-        with api_errors(self.url):
-            return httpx.get(f"{self.url}{path}", headers=headers, timeout=30)
+        with self.errors():
+            response = httpx.get(f"{self.url}{path}", auth=self.auth, timeout=30)
+        if response.status_code == 401:
+            raise refused(self.url, self.token_kind, 401, server_detail(response.text))
+        return response
 
     def find_project(self, title: str) -> Any | None:
-        with api_errors(self.url):
+        with self.errors():
             for project in self.client.projects.list(title=title):
                 if project.title == title:
                     return project
@@ -91,7 +97,7 @@ class Session:
         """(project id, created) for the project titled `title`, with our interface set."""
         config = INTERFACE.read_text()
         project = self.find_project(title)
-        with api_errors(self.url):
+        with self.errors():
             if project is None:
                 created = self.client.projects.create(title=title, label_config=config, model_version=MODEL_VERSION,
                                                       show_collab_predictions=True)  # fmt: skip
@@ -107,12 +113,12 @@ class Session:
         return project.id
 
     def tasks(self, project_id: int, with_annotations: bool) -> list[Any]:
-        with api_errors(self.url):
+        with self.errors():
             fields = "all" if with_annotations else "task_only"
             return list(self.client.tasks.list(project=project_id, fields=fields, page_size=PAGE_SIZE))
 
     def annotator_names(self) -> dict[int, str]:
-        with api_errors(self.url):
+        with self.errors():
             return {u.id: u.email or u.username or str(u.id) for u in self.client.users.list()}
 
 
@@ -142,7 +148,7 @@ def _local_image_urls(session: Session, project_id: int, thumbs: dict[str, Path]
 
     folder = next(iter(thumbs.values())).parent
     local = session.client.import_storage.local
-    with api_errors(session.url):
+    with session.errors():
         if not any(Path(s.path or "") == folder for s in local.list(project=project_id)):
             try:
                 # Not synced on purpose: syncing would turn every thumbnail into a task of its own.
@@ -225,7 +231,7 @@ def push(
         if urls is None:
             mode, urls = "inline", _inline_image_urls(thumbs)
         tasks = [task_for(row, urls[row["id"]]) for row in rows]
-        with api_errors(session.url):
+        with session.errors():
             for start in range(0, len(tasks), IMPORT_BATCH):
                 session.client.projects.import_tasks(project_id, request=tasks[start : start + IMPORT_BATCH])
     return PushResult(project_id, created, len(ids), len(new_ids), len(ids) - len(new_ids), mode)

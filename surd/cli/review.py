@@ -16,7 +16,7 @@ review_app = typer.Typer(help="Review samples in Label Studio and bring the deci
 UrlOpt = typer.Option("http://localhost:8080", "--url", envvar="LABEL_STUDIO_URL", help="Label Studio server URL")
 # The key is read from the environment or the flag and never echoed: show_default stays off.
 KeyOpt = typer.Option(None, "--api-key", envvar="LABEL_STUDIO_API_KEY", show_default=False, show_envvar=True,
-                      help="Label Studio access token")  # fmt: skip
+                      help="Label Studio API key: a personal access token, or a legacy token")  # fmt: skip
 ProjectOpt = typer.Option("SURD review", "--project", help="project title (created by push when missing)")
 
 
