@@ -9,31 +9,27 @@ Authorization header: never printed, logged or written.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
-import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, urlparse
+from typing import Any
 
 import httpx
 import pyarrow as pa
 
 from annotations import reviews, selection
+from annotations.images import MODES, ImageMode, image_urls
 from annotations.tokens import TokenAuth, refused, server_detail
 from surd import layout
 from surd.errors import SurdError
 
 INTERFACE = Path(__file__).with_name("interface.xml")
 MODEL_VERSION = "surd-narrative"  # the prediction that pre-fills the corrected-narrative box
-STORAGE_TITLE = "surd review thumbnails"
 IMPORT_BATCH = 100
 PAGE_SIZE = 500  # tasks per page when listing a project
-ImageMode = Literal["auto", "local", "inline"]
 
 
 class LabelStudioError(SurdError):
@@ -121,6 +117,10 @@ class Session:
         with self.errors():
             return {u.id: u.email or u.username or str(u.id) for u in self.client.users.list()}
 
+    def delete_project(self, project_id: int) -> None:
+        with self.errors():
+            self.client.projects.delete(project_id)
+
 
 @dataclass
 class PushResult:
@@ -129,46 +129,8 @@ class PushResult:
     selected: int
     imported: int
     already_there: int
-    images: str
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _local_image_urls(session: Session, project_id: int, thumbs: dict[str, Path]) -> dict[str, str] | None:
-    """Serve thumbnails through a local-files storage; None when the server cannot see this filesystem."""
-    from label_studio_sdk.core.api_error import ApiError
-
-    folder = next(iter(thumbs.values())).parent
-    local = session.client.import_storage.local
-    with session.errors():
-        if not any(Path(s.path or "") == folder for s in local.list(project=project_id)):
-            try:
-                # Not synced on purpose: syncing would turn every thumbnail into a task of its own.
-                local.create(project=project_id, path=str(folder), use_blob_urls=True, title=STORAGE_TITLE)
-            except ApiError as e:
-                if e.status_code == 400:  # the server cannot see this folder, or serves no local files
-                    return None
-                raise
-    # The URL is relative to the server's LOCAL_FILES_DOCUMENT_ROOT: find which ancestor that is.
-    probe = next(iter(thumbs.values()))
-    for root in probe.parents[1:]:
-        rel = probe.relative_to(root).as_posix()
-        response = session.get(f"/data/local-files/?d={quote(rel)}")
-        if response.status_code == 200 and response.content == probe.read_bytes():
-            return {i: f"/data/local-files/?d={quote(p.relative_to(root).as_posix())}" for i, p in thumbs.items()}
-    return None
-
-
-def _inline_image_urls(thumbs: dict[str, Path]) -> dict[str, str]:
-    return {i: "data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode() for i, p in thumbs.items()}
+    images: str  # local | inline | none (nothing new to import)
+    images_reason: str
 
 
 def task_for(row: dict[str, Any], image_url: str) -> dict[str, Any]:
@@ -206,35 +168,42 @@ def push(
     seed: int = 0,
     images: ImageMode = "auto",
 ) -> PushResult:
-    """Select samples of the run's dataset and import the ones not yet in the project as tasks."""
-    if images not in ("auto", "local", "inline"):
-        raise SurdError(f"--images {images!r}: expected auto, local or inline")
+    """Select samples of the run's dataset and import the ones not yet in the project as tasks.
+
+    A push that fails after creating the project deletes it again, so a retry starts clean.
+    """
+    if images not in MODES:
+        raise SurdError(f"--images {images!r}: expected {', '.join(MODES)}")
     ids = selection.select_ids(run_dir, limit=limit, where=where, stratify_by=stratify_by, seed=seed)
     project_id, created = session.ensure_project(project)
-    existing = {t.data.get("sample_id") for t in session.tasks(project_id, with_annotations=False)}
-    new_ids = [i for i in ids if i not in existing]
-    mode = "inline" if images == "inline" else "local"
-    if new_ids:
+    try:
+        existing = {t.data.get("sample_id") for t in session.tasks(project_id, with_annotations=False)}
+        new_ids = [i for i in ids if i not in existing]
+        if not new_ids:
+            return PushResult(project_id, created, len(ids), 0, len(ids), "none", "no new samples to import")
         order = {sample_id: n for n, sample_id in enumerate(new_ids)}
         table = selection.read_parquet_folder(selection.dataset_folder(run_dir), ids=set(new_ids))
         rows = sorted(table.to_pylist(), key=lambda r: order[r["id"]])
-        thumbs = selection.write_thumbnails(run_dir, rows)
-        urls = None
-        if images == "local" or (images == "auto" and _is_loopback(session.url)):
-            urls = _local_image_urls(session, project_id, thumbs)
-            if urls is None and images == "local":
-                raise LabelStudioError(
-                    f"--images local: Label Studio at {session.url} cannot serve {run_dir}/review/thumbs "
-                    "(enable LOCAL_FILES_SERVING_ENABLED with a LOCAL_FILES_DOCUMENT_ROOT above the run folder, "
-                    "or use --images inline)"
-                )
-        if urls is None:
-            mode, urls = "inline", _inline_image_urls(thumbs)
-        tasks = [task_for(row, urls[row["id"]]) for row in rows]
+        shown = image_urls(session, project_id, selection.write_thumbnails(run_dir, rows), images)
+        tasks = [task_for(row, shown.urls[row["id"]]) for row in rows]
         with session.errors():
             for start in range(0, len(tasks), IMPORT_BATCH):
                 session.client.projects.import_tasks(project_id, request=tasks[start : start + IMPORT_BATCH])
-    return PushResult(project_id, created, len(ids), len(new_ids), len(ids) - len(new_ids), mode)
+    except BaseException as e:
+        if created:
+            _remove_failed_project(session, project_id, project, e)
+        raise
+    return PushResult(project_id, created, len(ids), len(new_ids), len(ids) - len(new_ids), shown.mode, shown.reason)
+
+
+def _remove_failed_project(session: Session, project_id: int, title: str, error: BaseException) -> None:
+    """Delete the project a failed push created; the message says so (the original error still wins)."""
+    try:
+        session.delete_project(project_id)
+    except SurdError:
+        return
+    if isinstance(error, SurdError) and error.args:
+        error.args = (f"{error.args[0]}; removed the project {title!r} that this push had created",)
 
 
 def _parse_time(value: Any) -> dt.datetime:

@@ -39,7 +39,8 @@ def push(
     where: str | None = typer.Option(None, "--where", help="filter: 'clip_narrative < 0.25 and source == civitai'"),
     stratify_by: str | None = typer.Option(None, "--stratify-by", help="sample proportionally within this column"),
     seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same selection)"),
-    images: str = typer.Option("auto", "--images", help="local (server shares this disk), inline (data: URIs), auto"),
+    images: str = typer.Option("auto", "--images", help="local (the server reads this disk), inline (data: URIs in "
+                               "its database), auto (local for a server on this machine; says which and why)"),
 ) -> None:
     """Push samples of RUN_DIR to a Label Studio project (no duplicates: pushing again adds only new ids)."""
     from annotations.labelstudio import Session
@@ -51,7 +52,8 @@ def push(
     made = "created" if result.created_project else "existing"
     say(
         f"project {project!r} ({made}, id {result.project_id}): {result.selected} selected, "
-        f"{result.imported} imported, {result.already_there} already there; images: {result.images}"
+        f"{result.imported} imported, {result.already_there} already there; images: {result.images} "
+        f"({result.images_reason})"
     )
     say(f"review at {session.url}/projects/{result.project_id}/data")
 
