@@ -1,8 +1,9 @@
 """Label Studio over its API (label-studio-sdk): push samples as tasks, pull annotations back, report status.
 
 A project is found by its title (created when missing) and always gets `interface.xml`. Each task carries
-the SURD `sample_id`, so pushing again never duplicates a sample. The corrected-narrative box is pre-filled
-through a prediction, so reviewers edit the current narrative instead of retyping it.
+the SURD `sample_id`, so pushing again never duplicates a sample, and the columns a lead sorts and filters
+by in the data manager (`source`, `clip_narrative`, `clip_keyword`, `nsfw_score`). The interface pre-fills
+the corrected-narrative box with the narrative, so correcting it is typing and submitting.
 The API key (a personal access token or a legacy token, see `tokens.py`) is only ever sent in the
 Authorization header: never printed, logged or written.
 """
@@ -27,7 +28,9 @@ from surd import layout
 from surd.errors import SurdError
 
 INTERFACE = Path(__file__).with_name("interface.xml")
-MODEL_VERSION = "surd-narrative"  # the prediction that pre-fills the corrected-narrative box
+# Row columns copied into task data as they are, for the data manager's columns, sorting and filters.
+DATA_COLUMNS = ("source", "clip_narrative", "clip_keyword", "nsfw_score")
+SCORE_DECIMALS = 4
 IMPORT_BATCH = 100
 PAGE_SIZE = 500  # tasks per page when listing a project
 
@@ -95,9 +98,7 @@ class Session:
         project = self.find_project(title)
         with self.errors():
             if project is None:
-                created = self.client.projects.create(title=title, label_config=config, model_version=MODEL_VERSION,
-                                                      show_collab_predictions=True)  # fmt: skip
-                return created.id, True
+                return self.client.projects.create(title=title, label_config=config).id, True
             if project.label_config != config:
                 self.client.projects.update(project.id, label_config=config)
         return project.id, False
@@ -133,28 +134,25 @@ class PushResult:
     images_reason: str
 
 
+def _score(value: Any) -> float | None:
+    return None if value is None else round(float(value), SCORE_DECIMALS)
+
+
 def task_for(row: dict[str, Any], image_url: str) -> dict[str, Any]:
-    """One Label Studio task (data + the pre-filling prediction) for a SURD row."""
+    """One Label Studio task for a SURD row: what the page shows, and what the data manager sorts and filters by."""
     narrative = row.get("narrative_prompt") or ""
     others = [c for c in (row.get("narrative_candidates") or []) if c and c != narrative]
-    task: dict[str, Any] = {
-        "data": {
-            "sample_id": row["id"],
-            "image": image_url,
-            "narrative_prompt": narrative,
-            "keyword_prompt": row.get("keyword_prompt") or "",
-            "other_candidates": ("Other candidates:\n" + "\n".join(f"- {c}" for c in others)) if others else "",
-        }
+    data: dict[str, Any] = {
+        "sample_id": row["id"],
+        "image": image_url,
+        "narrative_prompt": narrative,  # also pre-fills the corrected-narrative box (interface.xml)
+        "keyword_prompt": row.get("keyword_prompt") or "",
+        "other_candidates": ("Other candidates:\n" + "\n".join(f"- {c}" for c in others)) if others else "",
     }
-    if narrative:
-        task["predictions"] = [
-            {
-                "model_version": MODEL_VERSION,
-                "result": [{"from_name": "corrected_narrative", "to_name": "image", "type": "textarea",
-                            "value": {"text": [narrative]}}],  # fmt: skip
-            }
-        ]
-    return task
+    for column in DATA_COLUMNS:
+        value = row.get(column)
+        data[column] = value if column == "source" else _score(value)
+    return {"data": data}
 
 
 def push(
@@ -212,12 +210,20 @@ def _parse_time(value: Any) -> dt.datetime:
     return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(dt.timezone.utc)
 
 
-def collect_votes(session: Session, project_id: int) -> tuple[list[reviews.Vote], int, int]:
-    """(each annotator's latest vote per sample, number of tasks, number of annotated tasks)."""
+@dataclass
+class Collected:
+    votes: list[reviews.Vote]  # each annotator's latest vote per sample
+    tasks: int
+    annotated: int  # tasks with at least one submitted (not skipped) annotation
+    undecided: int  # annotations with neither a decision nor a changed narrative: they count for nothing
+
+
+def collect_votes(session: Session, project_id: int) -> Collected:
+    """Read every annotation of the project as a vote."""
     names = session.annotator_names()
     tasks = session.tasks(project_id, with_annotations=True)
     votes: list[tuple[int, reviews.Vote]] = []
-    annotated = 0
+    annotated = undecided = 0
     for task in tasks:
         data = task.data or {}
         sample_id = data.get("sample_id")
@@ -233,15 +239,16 @@ def collect_votes(session: Session, project_id: int) -> tuple[list[reviews.Vote]
                 sample_id, names.get(who, str(who)), _parse_time(annotation.get("updated_at")),
                 annotation.get("result") or [], data.get("narrative_prompt"),
             )  # fmt: skip
-            if vote is not None:
+            if vote is None:
+                undecided += 1
+            else:
                 votes.append((int(annotation.get("id") or 0), vote))
-    return reviews.latest_votes(votes), len(tasks), annotated
+    return Collected(reviews.latest_votes(votes), len(tasks), annotated, undecided)
 
 
 def pull(session: Session, run_dir: Path, project: str) -> tuple[Path, pa.Table]:
     """Export the project's annotations into `<run>/reviews.parquet`."""
-    votes, _, _ = collect_votes(session, session.project_id(project))
-    table = reviews.resolve(votes)
+    table = reviews.resolve(collect_votes(session, session.project_id(project)).votes)
     path = layout.reviews_path(run_dir)
     reviews.write_reviews(path, table)
     return path, table
@@ -250,6 +257,6 @@ def pull(session: Session, run_dir: Path, project: str) -> tuple[Path, pa.Table]
 def status(session: Session, project: str) -> dict[str, Any]:
     """Tasks, annotated tasks, decisions and agreement, straight from the server."""
     project_id = session.project_id(project)
-    votes, n_tasks, annotated = collect_votes(session, project_id)
-    return {"project": project, "project_id": project_id, "tasks": n_tasks, "annotated": annotated,
-            **reviews.summary(reviews.resolve(votes))}  # fmt: skip
+    got = collect_votes(session, project_id)
+    return {"project": project, "project_id": project_id, "tasks": got.tasks, "annotated": got.annotated,
+            "undecided": got.undecided, **reviews.summary(reviews.resolve(got.votes))}  # fmt: skip

@@ -94,6 +94,8 @@ def status(
     say(f"project {project!r} (id {s['project_id']}): {s['tasks']} tasks, {s['annotated']} annotated")
     say(f"decisions: {s['accepted']} accepted, {s['rejected']} rejected, {s['edited']} edited"
                   f"{_agreement(s)}")  # fmt: skip
+    if s["undecided"]:
+        say(f"{s['undecided']} annotation(s) submitted with no decision and an unchanged narrative: not counted")
 
 
 def _agreement(s: dict) -> str:
