@@ -28,8 +28,8 @@ from surd import layout
 from surd.errors import SurdError
 
 INTERFACE = Path(__file__).with_name("interface.xml")
-# Row columns copied into task data as they are, for the data manager's columns, sorting and filters.
-DATA_COLUMNS = ("source", "clip_narrative", "clip_keyword", "nsfw_score")
+# Scores copied into task data (with `source`) for the data manager's columns, sorting and filters.
+SCORE_COLUMNS = ("clip_narrative", "clip_keyword", "nsfw_score")
 SCORE_DECIMALS = 4
 IMPORT_BATCH = 100
 PAGE_SIZE = 500  # tasks per page when listing a project
@@ -148,10 +148,10 @@ def task_for(row: dict[str, Any], image_url: str) -> dict[str, Any]:
         "narrative_prompt": narrative,  # also pre-fills the corrected-narrative box (interface.xml)
         "keyword_prompt": row.get("keyword_prompt") or "",
         "other_candidates": ("Other candidates:\n" + "\n".join(f"- {c}" for c in others)) if others else "",
+        "source": row.get("source"),
     }
-    for column in DATA_COLUMNS:
-        value = row.get(column)
-        data[column] = value if column == "source" else _score(value)
+    for column in SCORE_COLUMNS:
+        data[column] = _score(row.get(column))
     return {"data": data}
 
 

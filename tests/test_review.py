@@ -315,12 +315,17 @@ def test_inline_images_and_unknown_project(labelstudio, tmp_path: Path) -> None:
         ls.pull(session, run, "nope")
 
 
+def _pushed(labelstudio, folder: str, n: int, project: str) -> tuple[Path, dict, ls.Session, ls.PushResult]:
+    """A run of `n` rows under the server's files root, pushed with a personal access token."""
+    run = labelstudio.files_root / folder
+    rows = {r["id"]: r for r in make_review_run(run, n)}
+    session = ls.Session(labelstudio.url, labelstudio.token)
+    return run, rows, session, ls.push(session, run, project)
+
+
 @pytest.mark.labelstudio
 def test_task_data_lets_a_lead_sort_and_filter(labelstudio) -> None:  # noqa: F811
-    run = labelstudio.files_root / "data-manager"
-    rows = {r["id"]: r for r in make_review_run(run, 10)}
-    session = ls.Session(labelstudio.url, labelstudio.token)
-    pushed = ls.push(session, run, "SURD data manager")
+    _, rows, session, pushed = _pushed(labelstudio, "data-manager", 10, "SURD data manager")
     tasks = session.tasks(pushed.project_id, with_annotations=False)
     assert len(tasks) == 10
     for task in tasks:
@@ -343,10 +348,7 @@ def test_task_data_lets_a_lead_sort_and_filter(labelstudio) -> None:  # noqa: F8
 
 @pytest.mark.labelstudio
 def test_typing_a_correction_is_a_vote_and_undecided_submissions_are_counted(labelstudio) -> None:  # noqa: F811
-    run = labelstudio.files_root / "one-step"
-    rows = {r["id"]: r for r in make_review_run(run, 3)}
-    session = ls.Session(labelstudio.url, labelstudio.token)
-    pushed = ls.push(session, run, "SURD one step")
+    run, rows, session, pushed = _pushed(labelstudio, "one-step", 3, "SURD one step")
     task_ids = {t.data["sample_id"]: t.id for t in session.tasks(pushed.project_id, with_annotations=False)}
     # What the page sends when a reviewer only types in the box and submits, or only submits.
     session.client.annotations.create(id=task_ids["civitai:00"], result=_result(text="a corrected sentence"))
