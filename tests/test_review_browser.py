@@ -39,6 +39,9 @@ def _narrative_box(page):
 def _open_task(page, base: str, project_id: int, task_id: int) -> None:
     page.goto(f"{base}/projects/{project_id}/data?task={task_id}")
     _narrative_box(page).wait_for(timeout=UI_TIMEOUT_MS)
+    # The data manager may load the task a second time and rebuild the page (a fresh box): on a loaded
+    # machine that takes seconds, so wait until it has stopped fetching before anyone types.
+    page.wait_for_load_state("networkidle", timeout=UI_TIMEOUT_MS)
 
 
 def _choose(page, value: str) -> None:
@@ -106,6 +109,7 @@ def test_reviewer_rejects_and_edits_in_the_browser(labelstudio, tmp_path: Path) 
             assert box.input_value() == rows[edited_id]["narrative_prompt"]
             box.fill(new_text)
             page.screenshot(path=str(shot))
+            assert box.input_value() == new_text  # still the reviewer's text when they press Submit
             _submit(page)
         finally:
             context.close()
