@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import base64
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, urlparse
 
 from annotations.tokens import server_detail
+from surd import secrets
 from surd.errors import SurdError
 
 if TYPE_CHECKING:
@@ -37,13 +37,7 @@ class Images:
 
 
 def is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return secrets.is_loopback(urlparse(url).hostname or "")
 
 
 def inline_urls(thumbs: dict[str, Path]) -> dict[str, str]:

@@ -8,7 +8,6 @@ the exit code is 0 whatever it finds (a user error, such as a bad recipe, is sti
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -176,25 +175,26 @@ def _package(name: str) -> tuple[str, str]:
 
 
 def token_kind(key: str | None) -> str:
-    """Which kind of Label Studio key: a Personal Access Token (a JWT refresh token), a legacy token, or neither."""
+    """The kind of Label Studio key, as `surd review` decides it (`annotations.tokens`), or why it cannot work."""
+    from annotations.tokens import TokenError
+    from annotations.tokens import token_kind as decide
+
     if not key:
         return "not set"
-    parts = key.split(".")
-    if len(parts) == 3:
-        try:
-            payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-        except ValueError:
-            return "unrecognised (a JWT whose payload cannot be read)"
-        kind = payload.get("token_type") if isinstance(payload, dict) else None
-        if kind == "refresh":
-            return "personal access token"
-        return f"a JWT {kind or 'of no type'} token, not a personal access token (those are refresh tokens)"
-    return "legacy token" if _LEGACY_TOKEN.fullmatch(key) else "unrecognised (neither a legacy token nor a JWT)"
+    try:
+        kind = decide(key)
+    except TokenError as e:
+        return f"unusable: {e}"
+    if kind == "legacy token" and not _LEGACY_TOKEN.fullmatch(key):
+        return "legacy token (not the usual 40 hex characters: check the key)"
+    return kind
 
 
 def label_studio_report(url: str, key: str | None) -> dict[str, Any]:
     """Whether Label Studio answers at `url`, its version, the key's kind and whether the server accepts it."""
     import httpx
+
+    from annotations.tokens import TokenAuth, TokenError
 
     out: dict[str, Any] = {"url": url, "key": token_kind(key)}
     try:
@@ -206,18 +206,13 @@ def label_studio_report(url: str, key: str | None) -> dict[str, Any]:
         out["version"] = httpx.get(f"{url.rstrip('/')}/api/version", timeout=TIMEOUT_S).json().get("release")
     except (httpx.HTTPError, ValueError, AttributeError):
         pass
-    if not out["reachable"] or out["key"] not in ("personal access token", "legacy token"):
+    if not out["reachable"] or not key or out["key"].startswith("unusable"):
         return out
-    headers = {"Authorization": f"Token {key}"}
-    try:
-        if out["key"] == "personal access token":  # exchanged for a short-lived access token, as Label Studio documents
-            refreshed = httpx.post(f"{url.rstrip('/')}/api/token/refresh", json={"refresh": key}, timeout=TIMEOUT_S)
-            access = refreshed.json().get("access") if refreshed.status_code == 200 else None
-            if not access:
-                return {**out, "accepted": False, "detail": f"token refresh: HTTP {refreshed.status_code}"}
-            headers = {"Authorization": f"Bearer {access}"}
-        whoami = httpx.get(f"{url.rstrip('/')}/api/current-user/whoami", headers=headers, timeout=TIMEOUT_S)
-    except (httpx.HTTPError, ValueError, AttributeError) as e:
+    try:  # the same authentication `surd review` uses: a PAT is exchanged for access tokens first
+        whoami = httpx.get(f"{url.rstrip('/')}/api/current-user/whoami", auth=TokenAuth(url, key), timeout=TIMEOUT_S)
+    except TokenError as e:
+        return {**out, "accepted": False, "detail": str(e)}
+    except (httpx.HTTPError, ValueError) as e:
         return {**out, "accepted": False, "detail": type(e).__name__}
     return {**out, "accepted": whoami.status_code == 200, "detail": f"whoami: HTTP {whoami.status_code}"}
 
