@@ -117,7 +117,7 @@ def aux_losses(adapter: nn.Module, cond: Conditioning, text: TextBatch, keyword:
     index = torch.arange(text.hidden.shape[0], device=text.hidden.device) if keep is None else keep.nonzero()[:, 0]
     terms: dict[str, torch.Tensor] = {}
     if len(index) == 0:  # every sample of this micro-batch trained on the empty prompt
-        zero = cond.hidden.sum() * 0.0
+        zero = parts.output.sum() * 0.0  # keeps a graph even where the UNet input is detached (reference)
         return {name: zero for name, weight in (("llm", loss.llm_weight), ("prompt", loss.prompt_weight)) if weight}
     if loss.llm_weight > 0:
         if kind == "connector":
