@@ -231,3 +231,25 @@ def test_text_batch_replaces_rows() -> None:
     other = TextBatch(torch.ones(1, 4, 2), torch.ones(1, 4, dtype=torch.long), torch.ones(1, 5))
     mixed = text.where(torch.tensor([False, True, False]), other)
     assert mixed.hidden[:, 0, 0].tolist() == [0, 1, 0] and mixed.pooled[:, 0].tolist() == [0, 1, 0]
+
+
+def test_ema_warms_up_averages_and_round_trips(tmp_path) -> None:
+    from adapter.ema import EMA
+
+    module = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(module.weight)
+    ema = EMA(module, decay=0.5)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    ema.update(module)  # step 1: d = min(0.5, 2/11) = 2/11 -> 2/11·0 + 9/11·1
+    assert ema.shadow["weight"].item() == pytest.approx(9 / 11)
+    with torch.no_grad():
+        module.weight.fill_(3.0)
+    ema.update(module)  # step 2: d = min(0.5, 3/12) = 1/4 -> 1/4·9/11 + 3/4·3
+    assert ema.shadow["weight"].item() == pytest.approx(0.25 * 9 / 11 + 0.75 * 3)
+    ema.save(tmp_path)
+    restored = EMA(module, decay=0.5)
+    restored.load(tmp_path)
+    assert restored.steps == 2 and restored.shadow["weight"].item() == pytest.approx(ema.shadow["weight"].item())
+    restored.copy_to(module)
+    assert module.weight.item() == pytest.approx(ema.shadow["weight"].item())

@@ -61,6 +61,10 @@ def test_kind_trains_resumes_exactly_saves_loads_and_generates(world, pipes, bas
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
+    if ema:  # the saved result is the average, not the last step's weights
+        raw = load_file(str(whole / "checkpoints" / "checkpoint-0000004" / "model.safetensors"))
+        assert (whole / "checkpoints" / "checkpoint-0000004" / "ema.safetensors").is_file()
+        assert any(not torch.allclose(raw[k].float(), a[k]) for k in raw)
     saved = json.loads((whole / "adapter_config.json").read_text())
     assert saved["adapter"]["kind"] == kind and saved["steps"] == 4 and saved["caption_dropout"] == 0.5
     assert (saved["pooled_dim"] is not None) == (base == "sdxl")
