@@ -83,10 +83,10 @@ def check_config(config: TrainConfig) -> None:
     kind, loss = config.adapter.kind, config.loss
     if not config.data or not config.out:
         raise SurdError("train needs --data and --out (train.data / train.out in a recipe)")
-    if (loss.llm_weight > 0 or kind == "connector") and not config.llm:
-        what = "adapter.kind=connector reads the LLM's token states" if kind == "connector" else \
-            "train.loss.llm_weight > 0 needs a teacher"
-        raise SurdError(f"{what}: pass --llm (or set loss.llm_weight: 0)")
+    if kind == "connector" and not config.llm:
+        raise SurdError("adapter.kind=connector reads the LLM's token states: pass --llm")
+    if loss.llm_weight > 0 and not config.llm:
+        raise SurdError("train.loss.llm_weight > 0 needs a teacher: pass --llm (or set loss.llm_weight: 0)")
     if kind == "connector" and loss.llm_weight > 0:
         raise SurdError("adapter.kind=connector has no distillation term: set loss.llm_weight: 0")
     if kind == REFERENCE and loss.llm_weight == 0 and loss.prompt_weight == 0:

@@ -54,6 +54,11 @@ def clip_tokenizer(num_merges: int = 2000, max_length: int = 77, **kwargs):  # -
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, **kwargs)
 
 
+# What every tiny UNet shares: 16 x 16 latents of 4 channels, two resolutions, one layer each.
+_TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  norm_num_groups=32)
+
+
 def write_tiny_sd(out_dir: Path, text_dim: int = 768, seed: int = 0) -> Path:
     """Write a tiny random StableDiffusionPipeline folder. `text_dim` 768 is SD 1.x-shaped, 1024 SD 2.x-shaped."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -78,17 +83,12 @@ def write_tiny_sd(out_dir: Path, text_dim: int = 768, seed: int = 0) -> Path:
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **_TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_dim,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
-        norm_num_groups=32,
     )
     vae = _tiny_vae()
     # SD 1.5 and 2.x schedules; SD 2.x (768-v) predicts v, which exercises the v-prediction loss path.
@@ -152,11 +152,7 @@ def write_tiny_sdxl(out_dir: Path, text_dims: tuple[int, int] = (32, 32), seed: 
     text_encoder_2 = CLIPTextModelWithProjection(text_config(text_dims[1]))
     time_embed = 8
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **_TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=sum(text_dims),
@@ -166,7 +162,6 @@ def write_tiny_sdxl(out_dir: Path, text_dims: tuple[int, int] = (32, 32), seed: 
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed,
         projection_class_embeddings_input_dim=6 * time_embed + 32,  # time ids + pooled text_embeds
-        norm_num_groups=32,
     )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1, prediction_type="epsilon")
