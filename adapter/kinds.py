@@ -117,7 +117,9 @@ def aux_losses(adapter: nn.Module, cond: Conditioning, text: TextBatch, keyword:
     index = torch.arange(text.hidden.shape[0], device=text.hidden.device) if keep is None else keep.nonzero()[:, 0]
     terms: dict[str, torch.Tensor] = {}
     if len(index) == 0:  # every sample of this micro-batch trained on the empty prompt
-        zero = parts.output.sum() * 0.0  # keeps a graph even where the UNet input is detached (reference)
+        # A zero that still touches every output (projections included): DDP sees every parameter used, and
+        # the graph survives where the UNet input is detached (reference).
+        zero = sum(t.sum() for t in parts if isinstance(t, torch.Tensor)) * 0.0
         return {name: zero for name, weight in (("llm", loss.llm_weight), ("prompt", loss.prompt_weight)) if weight}
     if loss.llm_weight > 0:
         if kind == "connector":
