@@ -148,3 +148,26 @@ def test_training_improves_the_diffusion_term_itself(world, pipes) -> None:
 
     before, after = diffusion(initial), diffusion(trained)
     assert after < 0.97 * before, (before, after)  # measured: 8.90 -> 8.06
+
+
+@pytest.mark.parametrize("adapt_unconditional", [True, False])
+def test_connector_runs_at_every_step_with_that_steps_timestep(world, pipes, adapt_unconditional: bool) -> None:
+    from adapter.connector import Connector
+    from adapter.inference import AdapterRuntime
+    from adapter.teacher import load_teacher
+
+    pipe = pipes["sdxl"]
+    torch.manual_seed(0)
+    connector = Connector(64, 32, tokens=4, width=32, depth=1, heads=4, ff_dim=64, pooled_dim=32).eval()
+    seen = []
+    handle = connector.register_forward_hook(lambda m, args, out: seen.append((args[2].tolist(), len(args[0]))))
+    runtime = AdapterRuntime(connector, load_teacher(str(world["llm"])))
+    try:
+        generate_images(pipe, runtime, ["a red circle", "a blue square"], [1, 2], steps=3, guidance_scale=4.0,
+                        adapt_unconditional=adapt_unconditional)
+    finally:
+        handle.remove()
+    steps = pipe.scheduler.timesteps.tolist()
+    rows = 4 if adapt_unconditional else 2  # [negatives; prompts], or the prompts alone
+    assert [t for t, _ in seen] == [[s] * rows for s in steps] and {n for _, n in seen} == {rows}
+    assert "forward" not in pipe.unet.__dict__  # the stock UNet's forward is back
