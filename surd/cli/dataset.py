@@ -300,14 +300,15 @@ models_app = typer.Typer(help="Model folders for the demo and tests.", no_args_i
 
 
 @models_app.command("tiny")
-def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/")) -> None:
-    """Write tiny randomly initialised models (CLIP, LLM, SD) for the offline demo and tests."""
-    from surd.demo.tiny import write_tiny_clip, write_tiny_llm, write_tiny_sd
+def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/, sdxl/")) -> None:
+    """Write tiny randomly initialised models (CLIP, LLM, SD, SDXL) for the offline demo and tests."""
+    from surd.demo.tiny import write_tiny_clip, write_tiny_llm, write_tiny_sd, write_tiny_sdxl
 
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_clip(out / "clip")
     write_tiny_llm(out / "llm")
     write_tiny_sd(out / "sd")
+    write_tiny_sdxl(out / "sdxl")
     (out / "DONE").write_text("tiny random models; numbers produced with them are meaningless\n")
     console.print(f"tiny models written to {out}")
 
