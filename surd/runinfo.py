@@ -1,0 +1,109 @@
+"""What a run folder says about how it was made: the settings each stage recorded, the models its rows name, and
+the thresholds it applied. Read by the run report (`surd.report`) and the dataset card (`pipelines.card`).
+
+Settings come from each stage's `_fingerprint.json` (`{"settings": {...}}`; collect records one per source in
+`collect/<source>/_fingerprint.json`); a stage that recorded none (a run made by an earlier surd) has none here.
+The models are also read from the rows themselves (`narrative_origin`, `clip_model`), which every run records.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from surd import layout, shards
+
+# Settings that name what made the data (a model, a template, how it was used), and ones that are thresholds.
+_MODEL_KEYS = re.compile(r"^(model|model_path|pretrained|template|strategy|backend|caption_model|\w+_model)$")
+_THRESHOLD_KEYS = re.compile(r"(^|_)(min|max|threshold|percentile|gap|fraction|mode)(_|$)")
+_PACING_KEYS = re.compile(r"(batch_size|num_|device|threads|concurrency|timeout|retries|retry|backoff|cache|"
+                          r"requests_per_second|per_host|api_key|base_url|max_bytes|max_redirects|max_new_tokens)")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def stage_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Recorded settings by stage (collect: by `collect/<source>`), in data-flow order; stages without any left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in layout.STAGES:
+        folder = layout.stage_dir(run_dir, stage)
+        if stage == "collect":
+            for source in sorted(p for p in folder.glob("*/") if p.is_dir()) if folder.is_dir() else []:
+                record = _read_json(source / layout.FINGERPRINT) or {}
+                if isinstance(record.get("settings"), dict):
+                    out[f"collect/{source.name}"] = {"type": record.get("source"), **record["settings"]}
+            continue
+        record = _read_json(folder / layout.FINGERPRINT) or {}
+        if isinstance(record.get("settings"), dict):
+            out[stage] = record["settings"]
+    return out
+
+
+def _shown(value: Any) -> bool:
+    return value is not None and value != [] and value != {}
+
+
+def models_and_thresholds(settings: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, Any]]:
+    """(stage, "model" or "threshold", setting, value) for the settings that say what built the data."""
+    rows = []
+    for stage, values in settings.items():
+        for key, value in values.items():
+            if not _shown(value) or _PACING_KEYS.search(key):
+                continue
+            if _MODEL_KEYS.match(key):
+                rows.append((stage, "model", key, value))
+            elif _THRESHOLD_KEYS.search(key) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                rows.append((stage, "threshold", key, value))
+    return rows
+
+
+def row_models(files: list[Path]) -> dict[str, Counter[str]]:
+    """How many rows name each narrative origin and CLIP model (`narrative_origin`, `clip_model`)."""
+    found: dict[str, Counter[str]] = {"narrative_origin": Counter(), "clip_model": Counter()}
+    for path in files:
+        pf = pq.ParquetFile(path)
+        columns = [c for c in found if c in pf.schema_arrow.names]
+        if not columns:
+            continue
+        table = pf.read(columns=columns)
+        for column in columns:
+            found[column].update(v for v in table.column(column).to_pylist() if v)
+    return found
+
+
+def score_cutoff(run_dir: Path) -> float | None:
+    """The whole-run percentile cutoff the score stage applied: the same percentile over the same scores."""
+    import numpy as np
+
+    percentile = stage_settings(run_dir).get("score", {}).get("min_narrative_percentile")
+    if percentile is None:
+        return None
+    values = clip_values(run_dir)["clip_narrative"]
+    return float(np.percentile([v for v, _ in values], percentile)) if values else None
+
+
+def clip_values(run_dir: Path) -> dict[str, list[tuple[float, bool]]]:
+    """Every CLIP score the score stage wrote, kept and dropped: {column: [(value, kept), ...]}."""
+    stage_dir = layout.stage_dir(run_dir, "score")
+    out: dict[str, list[tuple[float, bool]]] = {"clip_keyword": [], "clip_narrative": []}
+    if not stage_dir.is_dir():
+        return out
+    columns = list(out)
+    sources = [(True, shards.read_stage(stage_dir, columns=columns)), (False, shards.read_dropped(stage_dir, columns))]
+    for kept, batches in sources:
+        for batch in batches:
+            for column in out:
+                if column in batch.schema.names:
+                    out[column] += [(v, kept) for v in batch.column(column).to_pylist() if v is not None]
+    return out
