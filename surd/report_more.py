@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from surd import layout
-from surd.report_parts import esc, line_chart_svg, read_columns, rows_at, thumbnail
+from surd.report_parts import esc, line_chart_svg, rows_at, thumbnail
+from surd.runinfo import shared_narratives
 
 REJECTED_PER_REASON = 4
 SHARED_GROUPS = 8
@@ -36,25 +36,6 @@ def rejected_outputs(run_dir: Path) -> list[dict[str, Any]]:
         if not path.name.startswith("."):
             rows += pq.read_table(path).to_pylist()
     return rows
-
-
-def _normal(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!? ")
-
-
-def shared_narratives(files: list[Path]) -> list[tuple[str, list[int]]]:
-    """Narratives that rows with different keyword prompts share: (narrative, positions of its rows), biggest first."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    prompts: dict[str, set[str]] = defaultdict(set)
-    texts: dict[str, str] = {}
-    for position, row in enumerate(read_columns(files, ["narrative_prompt", "keyword_prompt"])):
-        if row["narrative_prompt"]:
-            key = _normal(row["narrative_prompt"])
-            groups[key].append(position)
-            prompts[key].add(row["keyword_prompt"] or "")
-            texts.setdefault(key, row["narrative_prompt"])
-    shared = [(texts[k], positions) for k, positions in groups.items() if len(prompts[k]) > 1]
-    return sorted(shared, key=lambda item: (-len(item[1]), item[0]))
 
 
 def _rejected_html(run_dir: Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +107,37 @@ def clip_values(run_dir: Path) -> dict[str, list[tuple[float, bool]]]:
                 if column in batch.schema.names:
                     out[column] += [(v, kept) for v in batch.column(column).to_pylist() if v is not None]
     return out
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!? ")
+
+
+def shared_narratives(files: list[Path]) -> list[tuple[str, list[int]]]:
+    """Narratives that rows with different keyword prompts share: (narrative, positions of its rows), most rows first.
+
+    Rows with the same keyword prompt may share a narrative (one prompt, several seeds); rows asking for different
+    pictures should not: a template's example copied, or a model that says the same thing about everything.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    prompts: dict[str, set[str]] = defaultdict(set)
+    texts: dict[str, str] = {}
+    position = 0
+    for path in files:
+        pf = pq.ParquetFile(path)
+        if "narrative_prompt" not in pf.schema_arrow.names:
+            position += pf.metadata.num_rows
+            continue
+        columns = [c for c in ("narrative_prompt", "keyword_prompt") if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(columns=columns, batch_size=4096):
+            has_keywords = "keyword_prompt" in columns
+            keywords = batch.column("keyword_prompt").to_pylist() if has_keywords else [None] * len(batch)
+            for narrative, keyword in zip(batch.column("narrative_prompt").to_pylist(), keywords, strict=True):
+                if narrative:
+                    key = _normal(narrative)
+                    groups[key].append(position)
+                    prompts[key].add(keyword or "")
+                    texts.setdefault(key, narrative)
+                position += 1
+    shared = [(texts[k], positions) for k, positions in groups.items() if len(prompts[k]) > 1]
+    return sorted(shared, key=lambda item: (-len(item[1]), item[0]))
