@@ -38,11 +38,13 @@ def stage_settings(run_dir: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for stage in layout.STAGES:
         folder = layout.stage_dir(run_dir, stage)
-        if stage == "collect":
+        if stage == "collect":  # one record per source: in its folder, or all of them in the stage's record
+            sources = dict((_read_json(folder / layout.FINGERPRINT) or {}).get("sources") or {})
             for source in sorted(p for p in folder.glob("*/") if p.is_dir()) if folder.is_dir() else []:
-                record = _read_json(source / layout.FINGERPRINT) or {}
-                if isinstance(record.get("settings"), dict):
-                    out[f"collect/{source.name}"] = {"type": record.get("source"), **record["settings"]}
+                sources.setdefault(source.name, _read_json(source / layout.FINGERPRINT) or {})
+            for name, record in sorted(sources.items()):
+                if isinstance(record, dict) and isinstance(record.get("settings"), dict):
+                    out[f"collect/{name}"] = {"type": record.get("source"), **record["settings"]}
             continue
         record = _read_json(folder / layout.FINGERPRINT) or {}
         if isinstance(record.get("settings"), dict):

@@ -241,7 +241,10 @@ def test_models_and_thresholds_come_from_the_recorded_settings_and_the_rows(tmp_
     run = tmp_path / "run"
     build_scored_run(run)
     fingerprint(run / "clean", {"min_side": 64, "min_chars": 10, "embeddings": []})
+    (run / "collect" / "folder" / "_fingerprint.json").write_text(
+        json.dumps({"source": "folder", "settings": {"path": "${out}/images", "rows_per_shard": 8}}))
     text, page = render(run, tmp_path / "r.html", stages=STAGES)
+    assert "<h3>collect/folder</h3>" in text and "path=<code>${out}/images</code>" in text  # every setting, folded
     settings = {r[0]: r[1:] for r in page.rows if r and r[0] in ("model", "template", "min_narrative",
                                                                  "min_narrative_percentile", "min_side", "device")}
     assert settings["template"] == ["rewrite-v1", "model"]
