@@ -54,8 +54,13 @@ margin:0 0 .45rem}.card p{margin:.25rem 0}
 .thumbs{display:flex;flex-wrap:wrap;gap:.6rem;margin:.3rem 0 .8rem}
 .thumb{width:150px;font-size:.75rem;color:#57606a;overflow-wrap:anywhere}
 .thumb img{display:block;width:150px;height:150px;object-fit:contain;background:#f3f4f6;border-radius:6px}
-.pair{display:flex;gap:.35rem;padding:.45rem;border:1px solid #e3e6ea;border-radius:10px}
-.pair .thumb{width:130px}.pair .thumb img{width:130px;height:130px}
+.pair{display:flex;gap:.35rem;padding:.35rem;border:1px solid #e3e6ea;border-radius:10px}
+table.drops{width:100%;table-layout:fixed}table.drops th:nth-child(1){width:16rem}
+table.drops th:nth-child(2){width:4.5rem}table.drops th:nth-child(3){width:9rem}
+table.drops .thumbs{margin:0;gap:.45rem}
+table.drops .thumb{width:104px;font-size:.7rem;line-height:1.25}
+table.drops .thumb img{width:104px;height:104px;margin-bottom:.15rem}
+td code.short{white-space:nowrap}
 .tag{display:inline-block;padding:0 .45rem;border-radius:999px;font-size:.75rem;background:#eef1f5;color:#374151}
 .tag.drop{background:#fbe9e7;color:#9f2d20}.tag.keep{background:#e7f4ea;color:#1f6b35}
 .kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:.4rem 1.2rem}
@@ -120,20 +125,26 @@ def sample_files(run_dir: Path, present: list[str], stats: dict[str, dict[str, A
 # ---- sections ----
 
 
+def _code(value: Any) -> str:
+    """A setting's value as code; short ones never wrap."""
+    text = str(value)
+    return f'<code class="short">{esc(text)}</code>' if len(text) <= 32 else f"<code>{esc(text)}</code>"
+
+
 def models_section(settings: dict[str, dict[str, Any]], files: list[Path]) -> str:
     """The models and thresholds that built the data: from the stages' recorded settings and from the rows."""
     parts = []
     used = runinfo.row_models(files) if files else {}
     named = [(what, value, n) for what, counts in used.items() for value, n in counts.most_common()]
     if named:
-        rows = "".join(f'<tr><td>{esc(what)}</td><td class="text"><code>{esc(value)}</code></td><td>{n}</td></tr>'
+        rows = "".join(f'<tr><td>{esc(what)}</td><td class="text">{_code(value)}</td><td>{n}</td></tr>'
                        for what, value, n in named)
         parts.append(f'<table><tr><th>named in the rows</th><th class="text">value</th><th>rows</th></tr>{rows}'
                      "</table>")
     chosen = runinfo.models_and_thresholds(settings)
     by_stage: dict[str, list[str]] = defaultdict(list)
     for stage, kind, key, value in chosen:
-        by_stage[stage].append(f'<tr><td>{esc(key)}</td><td class="text"><code>{esc(value)}</code></td>'
+        by_stage[stage].append(f'<tr><td>{esc(key)}</td><td class="text">{_code(value)}</td>'
                                f'<td><span class="tag">{esc(kind)}</span></td></tr>')
     blocks = "".join(f"<div><h3>{esc(stage)}</h3><table>{''.join(rows)}</table></div>"
                      for stage, rows in by_stage.items())
@@ -154,7 +165,7 @@ def funnel_section(stats: dict[str, dict[str, Any]]) -> str:
     if not stats:
         return "<section><h2>Stages</h2><p>No finished stage shards found.</p></section>"
     top = max(max(s["in"], s["kept"]) for s in stats.values()) or 1
-    width, bar_h, label_w = 720, 24, 80
+    width, bar_h, label_w = 560, 24, 64
     height = bar_h * len(stats) + 10
     bars = []
     rows = []
@@ -247,7 +258,7 @@ def _thumb(data: bytes | None, caption: str, alt: str) -> str:
     return f'<div class="thumb">{img}{caption}</div>'
 
 
-def _drop_thumbs(stage: str, reason: str, rows: list[dict[str, Any]], kept: dict[str, bytes | None]) -> str:
+def _drop_thumbs(stage: str, rows: list[dict[str, Any]], kept: dict[str, bytes | None]) -> str:
     cells = []
     for row in rows:
         caption = f"{esc(row['id'])}"
@@ -277,20 +288,18 @@ def drops_section(run_dir: Path, stats: dict[str, dict[str, Any]]) -> str:
         kept = _kept_images(stage_dir, {r["drop_detail"] for rows in with_images.values() for r in rows
                                         if stage == "dedup" and r.get("drop_detail")})
         top = max(s["dropped"].values())
-        rows, thumbs = [], []
+        rows = []
         for reason, n in sorted(s["dropped"].items(), key=lambda kv: (-kv[1], kv[0])):
-            rect = f'<rect width="{160 * n / top:.1f}" height="12" rx="2" fill="{DROPPED}"/>'
-            bar = f'<svg width="160" height="12">{rect}</svg>'
+            rect = f'<rect width="{120 * n / top:.1f}" height="12" rx="2" fill="{DROPPED}"/>'
+            bar = f'<svg width="120" height="12">{rect}</svg>'
             shown = "".join(f"<li>{esc(rid)}: {esc(detail)}</li>" for rid, detail in examples.get(reason, []))
             detail = f"<details><summary>examples</summary><ul>{shown}</ul></details>" if shown else ""
-            rows.append(f"<tr><td>{esc(reason)}{detail}</td><td>{n}</td><td>{bar}</td></tr>")
-            images = _drop_thumbs(stage, reason, with_images.get(reason, []), kept)
-            if any((r.get("image") or {}).get("bytes") for r in with_images.get(reason, [])):
-                thumbs.append(f'<p class="muted"><b>{esc(reason)}</b></p>{images}')
-        parts.append(
-            f"<h3>{esc(stage)}</h3><table><tr><th>reason</th><th>rows</th><th></th></tr>{''.join(rows)}</table>"
-            + "".join(thumbs)
-        )
+            found = with_images.get(reason, [])
+            images = _drop_thumbs(stage, found, kept) if any((r.get("image") or {}).get("bytes") for r in found) else ""
+            rows.append(f'<tr><td>{esc(reason)}{detail}</td><td>{n}</td><td>{bar}</td><td class="text">{images}</td>'
+                        "</tr>")
+        parts.append(f'<h3>{esc(stage)}</h3><table class="drops"><tr><th>reason</th><th>rows</th><th></th>'
+                     f'<th class="text">some of them</th></tr>{"".join(rows)}</table>')
     if not any_drops:
         parts.append("<p>No rows were dropped.</p>")
     return "".join(parts) + "</section>"

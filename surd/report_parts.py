@@ -110,9 +110,13 @@ def score_histogram_svg(title: str, values: list[tuple[float, bool]], lines: lis
         shift = -4 if anchor == "end" else 4
         shapes.append(f'<text x="{px + shift:.1f}" y="{12 + 11 * (k % 2)}" font-size="11" text-anchor="{anchor}">'
                       f"{esc(label)}</text>")
-    shapes.append(f'<text x="{left}" y="{height - 8}" font-size="11">{lo:.2f}</text>')
-    shapes.append(f'<text x="{left + plot_w}" y="{height - 8}" font-size="11" text-anchor="end">{hi:.2f}</text>')
-    shapes.append(f'<text x="0" y="{top_pad + 8}" font-size="11">{top}</text>')
+    for i in range(5):  # axis ticks: cosine similarity
+        value = lo + i * (hi - lo) / 4
+        anchor = ("start", "middle", "middle", "middle", "end")[i]
+        shapes.append(f'<line x1="{x_of(value):.1f}" y1="{top_pad + plot_h}" x2="{x_of(value):.1f}" '
+                      f'y2="{top_pad + plot_h + 4}" stroke="#999"/><text x="{x_of(value):.1f}" y="{height - 8}" '
+                      f'font-size="11" fill="#57606a" text-anchor="{anchor}">{value:.2f}</text>')
+    shapes.append(f'<text x="{left - 4}" y="{top_pad + 8}" font-size="11" text-anchor="end">{top}</text>')
     n_kept = sum(kept.values())
     legend = _legend([(f"kept ({n_kept})", KEPT), (f"dropped ({len(values) - n_kept})", DROPPED)])
     svg = f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(title)}">{"".join(shapes)}</svg>'

@@ -89,3 +89,33 @@ def test_pair_moves_row_by_row_inside_a_shard(
     counts = _counts(capsys.readouterr().err)
     assert counts == sorted(counts) and counts[-1] == 12
     assert set(counts) - {0, 6, 12}, counts  # a count inside a shard: rows reported before their shard ended
+
+
+def test_score_shows_its_whole_run_pass_row_by_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A percentile threshold scores every row before the first batch: that pass has a bar of its own."""
+    import io
+
+    from PIL import Image
+
+    from surd.demo.tiny import write_tiny_clip
+    from surd.score import ScoreConfig
+
+    run = tmp_path / "run"
+    rows = []
+    for i in range(10):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (25 * i, 80, 160)).save(buf, "PNG")
+        rows.append({"id": f"t:{i}", "image": {"bytes": buf.getvalue(), "path": None},
+                     "keyword_prompt": f"{i} red apples", "narrative_prompt": f"Some {i} apples."})
+    stats = {"in": 10, "kept": 10, "dropped": {}, "seconds": 0.0}
+    shards.commit_shard(run / "collect", "t/part-00000", from_rows(rows, SCHEMA), DROPPED_SCHEMA.empty_table(), stats)
+    shards.write_manifest(run / "collect", "collect")
+    monkeypatch.setenv("SURD_PROGRESS_EVERY", "30")  # only the last line of each bar
+    config = ScoreConfig(model=str(write_tiny_clip(tmp_path / "clip")), num_workers=0, inference_batch_size=3,
+                         min_narrative_percentile=50)
+    run_stage(run, "score", config, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "[surd] score: plan over collect: 10/10 rows (100%)", "[surd] score (collect -> score): 10/10 rows (100%)"]
