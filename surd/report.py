@@ -63,7 +63,8 @@ table.drops .thumb img{width:104px;height:104px;margin-bottom:.15rem}
 td code.short{white-space:nowrap}
 .tag{display:inline-block;padding:0 .45rem;border-radius:999px;font-size:.75rem;background:#eef1f5;color:#374151}
 .tag.drop{background:#fbe9e7;color:#9f2d20}.tag.keep{background:#e7f4ea;color:#1f6b35}
-.kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:.4rem 1.2rem}
+.kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:.4rem 1.6rem}
+.kv table{width:100%}.kv td:first-child,.kv td:last-child{white-space:nowrap;width:1%}
 details summary{cursor:pointer;color:#3b5bdb}code{font-size:.85em;background:#f3f4f6;padding:0 .25em;
 border-radius:4px}
 """

@@ -10,14 +10,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from PIL import Image
 
 from surd import layout
+from surd.pair import clean_output
 from surd.report_parts import esc, line_chart_svg, rows_at, thumbnail
 from surd.runinfo import shared_narratives
 
@@ -25,6 +28,7 @@ REJECTED_PER_REASON = 4
 SHARED_GROUPS = 8
 SHARED_THUMBS = 4
 VALIDATION_SIDE = 1024
+VALIDATION_MIN = 384
 TRAIN_KEYS = ("base", "llm", "layer", "max_steps", "learning_rate", "batch_size", "resolution", "mixed_precision")
 
 
@@ -51,7 +55,8 @@ def _rejected_html(run_dir: Path) -> str:
         examples = [r for r in rejected if r["reason"] == reason][:REJECTED_PER_REASON]
         for k, r in enumerate(examples):
             head = f'<td rowspan="{len(examples)}"><b>{esc(reason)}</b><br>{n}</td>' if k == 0 else ""
-            rows.append(f'<tr>{head}<td class="text">{esc(r["output"])}</td>'
+            judged = clean_output(r["output"] or "") or r["output"]  # what the validator read; the reply on hover
+            rows.append(f'<tr>{head}<td class="text" title="{esc(r["output"])}">{esc(judged)}</td>'
                         f'<td class="text muted">{esc(r["keyword_prompt"])}</td><td class="muted">{esc(r["id"])}'
                         f'</td></tr>')
     return (f"<h3>Rejected LLM outputs <span class=\"muted\">({len(rejected)} outputs, every attempt)</span></h3>"
@@ -110,12 +115,27 @@ def _losses(path: Path) -> dict[str, list[tuple[float, float]]]:
     return {k: v for k, v in series.items() if v}
 
 
+def _validation(path: Path) -> str:
+    """One validation grid, shown at least VALIDATION_MIN wide (tiny test models draw 32-pixel images)."""
+    data = path.read_bytes()
+    uri = thumbnail(data, VALIDATION_SIDE)
+    if not uri:
+        return ""
+    with Image.open(io.BytesIO(data)) as img:
+        width = img.width
+    shown = min(VALIDATION_SIDE, width * max(1, VALIDATION_MIN // max(width, 1)))
+    step = path.stem.removeprefix("step-").lstrip("0") or "0"
+    return (f'<figure><figcaption>Validation at step {esc(step)} <span class="muted">(base model | with the adapter, '
+            f'same seed; one row per prompt)</span></figcaption><img class="validation" src="{uri}" '
+            f'alt="validation step {esc(step)}" style="width:{shown}px;max-width:100%;border-radius:8px;'
+            'image-rendering:pixelated"></figure>')
+
+
 def training_section(run_dir: Path) -> str:
     """The adapter trained on this run: settings, loss curve, validation images (empty without RUN/adapter)."""
     folder = layout.adapter_dir(run_dir)
     if not folder.is_dir():
         return ""
-    parts = []
     try:
         config = json.loads((folder / "train_config.json").read_text())
     except (OSError, ValueError):
@@ -125,19 +145,16 @@ def training_section(run_dir: Path) -> str:
     if kind:
         settings.insert(0, ("adapter.kind", kind))
     state = "finished" if (folder / "adapter.safetensors").is_file() else "not finished (no adapter.safetensors)"
+    top = []
     if settings:
-        cells = "".join(f'<tr><td>{esc(k)}</td><td class="text"><code>{esc(v)}</code></td></tr>' for k, v in settings)
-        parts.append(f"<table>{cells}</table>")
+        cells = "".join(f'<tr><td>{esc(k)}</td><td class="text"><code>{esc(layout.portable(v, run_dir))}</code></td>'
+                        "</tr>" for k, v in settings)
+        top.append(f"<table>{cells}</table>")
     losses = _losses(folder / "logs" / "losses.csv")
     if losses:
-        parts.append(f'<div class="charts">{line_chart_svg("Training loss by step", losses)}</div>')
+        top.append(line_chart_svg("Training loss by step", losses))
+    parts = [f'<div class="charts">{"".join(top)}</div>'] if top else []
     images = sorted((folder / "validation").glob("step-*.png")) if (folder / "validation").is_dir() else []
     for path in images[-1:] if len(images) < 2 else [images[0], images[-1]]:
-        uri = thumbnail(path.read_bytes(), VALIDATION_SIDE)
-        step = path.stem.removeprefix("step-").lstrip("0") or "0"
-        if uri:
-            parts.append(f'<figure><figcaption>Validation at step {esc(step)} <span class="muted">(base model | '
-                         f'with the adapter, same seed; one row per prompt)</span></figcaption>'
-                         f'<img class="validation" src="{uri}" alt="validation step {esc(step)}" '
-                         'style="max-width:100%;border-radius:8px"></figure>')
+        parts.append(_validation(path))
     return f'<section><h2>Training <span class="muted">({esc(state)})</span></h2>{"".join(parts)}</section>'

@@ -113,9 +113,10 @@ def score_histogram_svg(title: str, values: list[tuple[float, bool]], lines: lis
     for i in range(5):  # axis ticks: cosine similarity
         value = lo + i * (hi - lo) / 4
         anchor = ("start", "middle", "middle", "middle", "end")[i]
+        label = f"{value:.2f}".replace("-0.00", "0.00")
         shapes.append(f'<line x1="{x_of(value):.1f}" y1="{top_pad + plot_h}" x2="{x_of(value):.1f}" '
                       f'y2="{top_pad + plot_h + 4}" stroke="#999"/><text x="{x_of(value):.1f}" y="{height - 8}" '
-                      f'font-size="11" fill="#57606a" text-anchor="{anchor}">{value:.2f}</text>')
+                      f'font-size="11" fill="#57606a" text-anchor="{anchor}">{label}</text>')
     shapes.append(f'<text x="{left - 4}" y="{top_pad + 8}" font-size="11" text-anchor="end">{top}</text>')
     n_kept = sum(kept.values())
     legend = _legend([(f"kept ({n_kept})", KEPT), (f"dropped ({len(values) - n_kept})", DROPPED)])

@@ -56,12 +56,17 @@ def _shown(value: Any) -> bool:
     return value is not None and value != [] and value != {}
 
 
+# Settings a pair strategy does not use: a rewrite runs no captioner, a caption strategy no LLM.
+_UNUSED = {"rewrite": {"caption_model", "caption_max_new_tokens"}, "caption": {"model", "backend", "template"}}
+
+
 def models_and_thresholds(settings: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, Any]]:
     """(stage, "model" or "threshold", setting, value) for the settings that say what built the data."""
     rows = []
     for stage, values in settings.items():
+        unused = _UNUSED.get(values.get("strategy"), set()) if stage == "pair" else set()
         for key, value in values.items():
-            if not _shown(value) or _PACING_KEYS.search(key):
+            if not _shown(value) or _PACING_KEYS.search(key) or key in unused:
                 continue
             if _MODEL_KEYS.match(key):
                 rows.append((stage, "model", key, value))

