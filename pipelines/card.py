@@ -108,7 +108,7 @@ def _built_with(run_dir: Path, data_files: list[Path]) -> list[str]:
     lines += ["| what | value | rows |", "|---|---|---|"]
     lines += [f"| narrative written by | `{origin}` | {n} |" for origin, n in used["narrative_origin"].most_common()]
     lines += [f"| CLIP model | `{model}` | {n} |" for model, n in used["clip_model"].most_common()]
-    lines += [f"| prompt template | `{t}` (bundled with surd: `surd/templates/{t}.yaml`) | |" for t in templates]
+    lines += [f"| prompt template | `{t}` (`surd/templates/{t}.yaml` when bundled) | |" for t in templates]
     models = [(stage, key, value) for stage, kind, key, value in chosen if kind == "model"]
     lines += [f"| {stage} `{key}` | `{value}` | |" for stage, key, value in models]
     thresholds = [(stage, key, value) for stage, kind, key, value in chosen if kind == "threshold"]
