@@ -286,12 +286,14 @@ def stats(
 
 def report(
     run_dir: Path = typer.Argument(..., help="run folder"),
-    output: Path = typer.Option(..., "-o", "--output", help="HTML file to write"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="HTML file to write (default: RUN/report.html)"),
 ) -> None:
-    """A self-contained HTML report: funnel, drop reasons, histograms, sample grid."""
+    """A self-contained HTML report: models and thresholds, funnel, CLIP scores, drops with images, narratives,
+    samples, training."""
     from surd.report import write_report
 
     require_run(run_dir)
+    output = output or layout.report_path(run_dir)
     write_report(run_dir, output)
     console.print(f"report: {output}")
 
