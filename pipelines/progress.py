@@ -48,3 +48,8 @@ def progress_bar(label: str, total: int | None, enabled: bool = True, unit: str 
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(label, total=total)
         yield _Bar(progress, task)
+
+
+def notice(text: str) -> None:
+    """One line a user must see (a rebuild and why, a cycle that ended paging), even with progress bars off."""
+    Console(stderr=True, soft_wrap=True).print(text, markup=False, highlight=False)
