@@ -248,10 +248,10 @@ def _first_of_each_id(items: list[Any], seen: set[str]) -> tuple[list[Any], int]
 
 def _cycle(next_cursor: str | None, cursors: set[str | None], repeats: int, kept: int) -> str:
     """Why paging must stop although the API offers another page ('' if it need not)."""
-    if next_cursor is not None and next_cursor in cursors:
-        return f"the API returned cursor {next_cursor!r} again (a cycle)"
     if next_cursor is not None and repeats and not kept:
         return f"a page held only rows collected before ({repeats}), so the API is repeating itself"
+    if next_cursor is not None and next_cursor in cursors:
+        return f"the API returned cursor {next_cursor!r} again (a cycle)"
     return ""
 
 
