@@ -178,7 +178,7 @@ def _building(run_dir: Path, name: str) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
     try:
         yield work
-        _swap_in(work, run_dir / name)
+        swap_in(work, run_dir / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -190,7 +190,7 @@ def _remove_leftovers(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap_in(new: Path, target: Path) -> None:
+def swap_in(new: Path, target: Path) -> None:
     """Replace `target` by `new` so that `target` exists at every moment (the old copy is removed afterwards)."""
     if not target.exists():
         new.rename(target)

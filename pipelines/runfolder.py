@@ -106,7 +106,7 @@ def _acquire(run_dir: Path) -> int:
         notice(f"warning: cannot lock {path} ({e.strerror}); two commands on this run would not notice each other")
         return fd
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {' '.join(sys.argv)[:300]}\n".encode())
+    os.write(fd, f"{os.getpid()} {' '.join(['surd', *sys.argv[1:]])[:120]}\n".encode())
     return fd
 
 
