@@ -113,14 +113,14 @@ def discard(run_dir: Path, path: Path) -> None:
     path = Path(path)
     if not path.exists():
         return
-    aside = Path(tempfile.mkdtemp(prefix=".surd-trash-", dir=run_dir))
+    aside = Path(tempfile.mkdtemp(prefix=layout.TRASH_PREFIX, dir=run_dir))
     path.rename(aside / path.name)
     shutil.rmtree(aside, ignore_errors=True)
 
 
 def remove_trash(run_dir: Path) -> None:
     """Folders a killed `discard` set aside."""
-    for path in Path(run_dir).glob(".surd-trash-*"):
+    for path in Path(run_dir).glob(f"{layout.TRASH_PREFIX}*"):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 import surd.errors
 from pipelines.executor import StageJob, open_stage
+from pipelines.plan import nothing_to_do, plan_run
 from pipelines.progress import progress_bar
 from pipelines.recipe import Recipe
 from pipelines.run import check_until, run_recipe
@@ -207,6 +208,8 @@ def run_recipe_ray(
 
     check_until(until)
     run_dir = _run_dir(out)
+    if rebuild_from is None and nothing_to_do(plan_run(recipe, run_dir, until=until)):  # no cluster for nothing
+        return run_recipe(recipe, run_dir, until=until, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = _connect(address)
     try:

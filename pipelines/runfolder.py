@@ -22,8 +22,6 @@ from pathlib import Path
 from surd import layout, shards
 from surd.errors import SurdError
 
-LOCK = ".surd-lock"
-
 
 class RunFolderError(SurdError):
     """`--out` names a folder that must not become a run folder."""
@@ -33,14 +31,10 @@ class RunLocked(SurdError):
     """Another command is writing the run folder."""
 
 
-def lock_path(run_dir: Path) -> Path:
-    return Path(run_dir) / LOCK
-
-
 def is_run(path: Path) -> bool:
     """A surd run folder: it holds the lock file or a stage folder with a fingerprint, stats or manifest."""
     path = Path(path)
-    if lock_path(path).exists():
+    if layout.lock_path(path).exists():
         return True
     for stage in layout.STAGES:
         folder = layout.stage_dir(path, stage)
@@ -60,7 +54,7 @@ def check_out(out: Path, flag: str = "--out") -> None:
         raise RunFolderError(f"{flag} {out}: not a folder")
     if resolved.is_dir() and any(resolved.iterdir()) and not is_run(resolved):
         raise RunFolderError(
-            f"{flag} {out}: not empty and not a surd run folder (no {LOCK} and no stage folder); "
+            f"{flag} {out}: not empty and not a surd run folder (no {layout.LOCK} and no stage folder); "
             "name a new or empty folder")
 
 
@@ -91,7 +85,7 @@ def hold(run_dir: Path) -> Iterator[None]:
 def _acquire(run_dir: Path) -> int:
     import fcntl
 
-    path = lock_path(run_dir)
+    path = layout.lock_path(run_dir)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
