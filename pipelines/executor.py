@@ -15,13 +15,16 @@ after it, when they differ (`invalidate`), saying why in one line.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import shutil
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from pipelines import fingerprint
 from pipelines.progress import notice, progress_bar
 from surd import layout, shards
 from surd.errors import StageError
-from surd.rows import Drop
+from surd.rows import Drop, RowProcessor
 from surd.schema import DROPPED_SCHEMA, SCHEMA, from_rows
 
 
@@ -61,10 +64,11 @@ def drop_records(items: list[Any], stage: str, inputs: list[dict[str, Any]] | No
 class Stage:
     """A named processor (see `surd.rows`) as the executors call it: Table batch -> (kept, dropped) Tables."""
 
-    def __init__(self, name: str, processor: Any, batch_size: int = 64) -> None:
+    def __init__(self, name: str, processor: Any, batch_size: int = 64, threads: int | None = None) -> None:
         self.name = name
         self.processor = processor
         self.batch_size = batch_size
+        self.threads = threads  # torch intra-op threads of a model stage, the same on every executor
         self._ready = False
 
     @property
@@ -76,10 +80,11 @@ class Stage:
         self.processor.plan(index)
 
     def setup(self) -> None:
-        """Load models once per worker; idempotent."""
+        """Load models once per worker, and pin torch's threads; idempotent."""
         if not self._ready:
             if hasattr(self.processor, "setup"):
                 self.processor.setup()
+            pin_threads(self.threads)
             self._ready = True
 
     def take_side_tables(self) -> dict[str, pa.Table]:
@@ -98,6 +103,42 @@ class Stage:
             raise RuntimeError(f"stage {self.name}: processor returned {len(results)} results for {len(rows)} rows")
         kept, dropped = drop_records(results, self.name, inputs=rows)
         return from_rows(kept, SCHEMA), from_rows(dropped, DROPPED_SCHEMA)
+
+
+def model_threads(config: Any, processor: Any) -> int | None:
+    """How many intra-op threads a model stage computes with: its `num_cpus` (at least 1), on every executor.
+
+    Float sums in another order give other last digits, and a sampling LLM turns those into other words: the same
+    rows on the local and the Ray executor need the same thread count (Ray gives an actor `num_cpus` threads).
+    Stages without a model of their own (no `setup()`) are left alone.
+    """
+    setup = getattr(type(processor), "setup", None)
+    if setup is None or setup is RowProcessor.setup:
+        return None
+    return max(1, int(getattr(config, "num_cpus", 1)))
+
+
+def pin_threads(threads: int | None) -> int | None:
+    """Set torch's intra-op threads (if torch is in use); returns the count before, to restore it."""
+    if threads is None or "torch" not in sys.modules:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return before
+
+
+@contextmanager
+def threads_pinned(threads: int | None) -> Iterator[None]:
+    """torch's threads pinned for a block of this process (the parent: plans, a serial run), then restored."""
+    if threads is not None and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401  # a plan loads its model inside the block: pin before it computes
+    before = pin_threads(threads)
+    try:
+        yield
+    finally:
+        pin_threads(before)
 
 
 def commit(out: Path, rel: str, kept: pa.Table, dropped: pa.Table, rows_in: int, seconds: float,
@@ -214,13 +255,14 @@ def run_job(job: Job, workers: int = 1, progress: bool = True, unit: str = "rows
         return
     with progress_bar(job.label, job.total(), enabled=progress, unit=unit) as bar:
         if workers <= 1 or len(job.todo) <= 1:
-            job.setup()
-            for rel in job.todo:
-                if unit == "rows":
-                    job.run(rel, on_rows=bar.advance)
-                else:
-                    job.run(rel)
-                    bar.advance(job.size(rel))
+            with threads_pinned(getattr(job, "threads", None)):  # restored for what this process does next
+                job.setup()
+                for rel in job.todo:
+                    if unit == "rows":
+                        job.run(rel, on_rows=bar.advance)
+                    else:
+                        job.run(rel)
+                        bar.advance(job.size(rel))
             return
         # spawn, not fork: model stages hold torch/onnx thread pools that do not survive a fork.
         context = multiprocessing.get_context("spawn")
@@ -252,6 +294,10 @@ class StageJob(Job):
     @property
     def label(self) -> str:  # type: ignore[override]
         return f"{self.name} ({self.source} -> {self.name})"
+
+    @property
+    def threads(self) -> int | None:
+        return self.stage.threads if self.stage is not None else None
 
     def setup(self) -> None:
         assert self.stage is not None
@@ -329,11 +375,13 @@ def open_stage(run_dir: Path, name: str, config: Any, processor: Any = None, sou
     if not todo:
         return StageJob(name, None, source, src, out, [])
     (out / shards.MANIFEST).unlink(missing_ok=True)
-    stage = Stage(name, processor if processor is not None else config.build(), batch_size=config.batch_size)
+    processor = processor if processor is not None else config.build()
+    stage = Stage(name, processor, batch_size=config.batch_size, threads=model_threads(config, processor))
     if stage.plan_columns:
         columns = list(stage.plan_columns)
-        if getattr(stage.processor, "plan_streaming", False):  # plans over all images: don't hold them at once
-            stage.plan(shards.read_stage(src, columns=columns))
-        else:
-            stage.plan(shards.read_stage_table(src, columns=columns))
+        with threads_pinned(stage.threads):
+            if getattr(stage.processor, "plan_streaming", False):  # plans over all images: don't hold them at once
+                stage.plan(shards.read_stage(src, columns=columns))
+            else:
+                stage.plan(shards.read_stage_table(src, columns=columns))
     return StageJob(name, stage, source, src, out, todo)

@@ -120,7 +120,7 @@ def export(
     """
     run_dir = Path(run_dir)
     settings = {**fingerprint.settings_of(STAGE, config, run_dir), "recipe_name": recipe_name,
-                "reviews": _reviews_digest(reviews)}
+                "reviews": reviews_digest(reviews)}
     job = open_stage(run_dir, STAGE, config, processor=ExportRows(config.test_fraction, reviews), source=source,
                      settings=settings)
     if not (job.up_to_date and layout.dataset_dir(run_dir).is_dir()):
@@ -144,7 +144,8 @@ def last_recipe_name(run_dir: Path) -> str | None:
     return (record.get("settings") or {}).get("recipe_name")
 
 
-def _reviews_digest(reviews: Any) -> str | None:
+def reviews_digest(reviews: Any) -> str | None:
+    """What export fingerprints of the reviews it applies: the reviews file's sha256 (None: no reviews)."""
     if reviews is None:
         return None
     path = getattr(reviews, "reviews_path", None)

@@ -32,19 +32,21 @@ PACING: dict[str, frozenset[str]] = {
     # downloaded row holds; concurrency and rate only pace the downloads
     "fetch": frozenset({"concurrency", "per_host", "requests_per_second", "timeout", "total_timeout", "max_retries",
                         "backoff_base", "retry_after_max"}),
-    "nsfw": frozenset({"device", "threads"}),
-    # the LLM's batches decide which rows share a sampling seed, so `batch_size` and `llm_batch_size` shape pair's
-    # rows (see docs/runs.md); the prefix cache gives the same tokens, and the request cache is where, not what
-    "pair": frozenset({"device", "prefix_cache", "cache_path", "concurrency", "timeout_s", "http_retries"}),
-    "score": frozenset({"device", "inference_batch_size", "num_workers"}),
+    "nsfw": frozenset({"threads"}),
+    # the prefix cache gives the same tokens; the request cache is where answers are kept, not what they are
+    "pair": frozenset({"prefix_cache", "cache_path", "concurrency", "timeout_s", "http_retries"}),
+    # other batches sum floats in another order: scores agree to float32 rounding (tests/test_trust_fingerprints.py)
+    "score": frozenset({"inference_batch_size", "num_workers"}),
     "export": frozenset({"format"}),
 }
+# ... except where they do shape the rows: an LLM samples other words from rows batched otherwise (one seed per
+# batch) or computed with another number of threads (other float sums, another token now and then).
+NOT_PACING: dict[str, frozenset[str]] = {"pair": frozenset({"batch_size", "num_cpus"})}
 
 
 def pacing(stage: str) -> frozenset[str]:
     """The settings of `stage` that are not fingerprinted."""
-    common = PACING["*"] - ({"batch_size"} if stage == "pair" else set())
-    return common | PACING.get(stage, frozenset())
+    return (PACING["*"] | PACING.get(stage, frozenset())) - NOT_PACING.get(stage, frozenset())
 
 
 def _relative(value: Any, run_dir: str) -> Any:

@@ -9,7 +9,6 @@ The plan reads the run folder only; the decisions are the ones `pipelines.execut
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from pipelines import fingerprint
 from pipelines.collect import collect_record, source_state
 from pipelines.export import STAGE as EXPORT
+from pipelines.export import reviews_digest
 from pipelines.registry import PROCESSING_STAGES
 from surd import layout, shards
 
@@ -33,14 +33,9 @@ class Step:
         return f"{self.what}: {words}" + (f" ({self.reason})" if self.reason else "")
 
 
-def reviews_digest(run_dir: Path) -> str | None:
-    """What export fingerprints for the reviews a run would apply (`RUN/reviews.parquet`), or None."""
-    path = layout.reviews_path(run_dir)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def plan_run(recipe: Any, out: Path, *, until: str | None = None, rebuild_from: str | None = None) -> list[Step]:
-    """The steps a run of `recipe` into `out` would take (see the module doc)."""
+def plan_run(recipe: Any, out: Path, *, until: str | None = None, rebuild_from: str | None = None,
+             reviews: Any = None) -> list[Step]:
+    """The steps a run of `recipe` into `out` would take (see the module doc); `reviews` as export gets them."""
     run_dir = Path(out)
     last = layout.STAGES.index(until) if until else len(layout.STAGES)
     forced = layout.STAGES.index(rebuild_from) if rebuild_from else len(layout.STAGES)
@@ -62,7 +57,7 @@ def plan_run(recipe: Any, out: Path, *, until: str | None = None, rebuild_from: 
         else:
             settings = fingerprint.settings_of(name, config, run_dir)
             if name == EXPORT:
-                settings.update(recipe_name=recipe.name, reviews=reviews_digest(run_dir))
+                settings.update(recipe_name=recipe.name, reviews=reviews_digest(reviews))
             record = fingerprint.record(name, settings, fingerprint.input_of(run_dir, previous))
             inputs = len(shards.shard_names(layout.stage_dir(run_dir, previous)))
             state = fingerprint.state(folder, record, inputs)

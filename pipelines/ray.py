@@ -208,8 +208,8 @@ def run_recipe_ray(
 
     check_until(until)
     run_dir = _run_dir(out)
-    if rebuild_from is None and nothing_to_do(plan_run(recipe, run_dir, until=until)):  # no cluster for nothing
-        return run_recipe(recipe, run_dir, until=until, progress=progress)
+    if rebuild_from is None and nothing_to_do(plan_run(recipe, run_dir, until=until, reviews=reviews)):
+        return run_recipe(recipe, run_dir, until=until, reviews=reviews, progress=progress)  # no cluster for nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     started = _connect(address)
     try:

@@ -49,7 +49,7 @@ def run_recipe(
     covered = ["collect", *(n for n, _ in recipe.stages() if STAGES.index(n) <= last)]
     covered += ["export"] if STAGES.index("export") <= last else []
     remove_trash(out)
-    if rebuild_from is None and nothing_to_do(plan_run(recipe, out, until=until)):
+    if rebuild_from is None and nothing_to_do(plan_run(recipe, out, until=until, reviews=reviews)):
         notice(f"nothing to do: {out} is up to date with the recipe ({', '.join(covered)})")
         return covered
     _forget(recipe, out, rebuild_from)

@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from openai_server import FakeOpenAI
 
+from pipelines.local import run_stage
 from pipelines.recipe import load_recipe
+from pipelines.registry import stage_config
 from pipelines.run import run_recipe
 from surd import shards
 from surd.demo import make_demo_data
@@ -270,3 +272,34 @@ def test_a_rebuilt_pair_stage_reuses_the_request_cache(images: Path, tmp_path: P
         assert after["counters"].get("cache_hits", 0) >= before["counters"]["llm_requests"]
         assert "llm_requests" not in after["counters"]
         assert json.loads((out / "pair" / "_fingerprint.json").read_text())["settings"]["max_words"] == 30
+
+
+def test_pacing_settings_of_the_model_stages_do_not_change_their_rows(finished: Path, tmp_path: Path) -> None:
+    """The pacing rule, checked: nsfw and score give the same rows at other batch sizes, threads and workers."""
+    from surd.demo.tiny import write_tiny_clip
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    score = {"model": str(clip), "pretrained": None, "min_narrative_percentile": 20}
+    results = []
+    for pace in ({"batch_size": 256, "inference_batch_size": 64, "num_workers": 0, "num_cpus": 1, "threads": None},
+                 {"batch_size": 3, "inference_batch_size": 2, "num_workers": 2, "num_cpus": 2, "threads": 1}):
+        run = tmp_path / f"run-{pace['batch_size']}"
+        shutil.copytree(finished / "collect", run / "collect")
+        shutil.copytree(finished / "clean", run / "clean")
+        run_stage(run, "nsfw", stage_config("nsfw", {"mode": "flag", "batch_size": min(pace["batch_size"], 32),
+                                                     "threads": pace["threads"]}), progress=False)
+        config = {k: v for k, v in pace.items() if k != "threads"}
+        run_stage(run, "score", stage_config("score", {**score, **config}), progress=False)
+        results.append({stage: (shards.read_stage_table(run / stage).to_pylist(),
+                                [r for b in shards.read_dropped(run / stage) for r in b.to_pylist()])
+                        for stage in ("nsfw", "score")})
+        assert json.loads((run / "score" / "_fingerprint.json").read_text())["settings"] == json.loads(
+            (tmp_path / "run-256" / "score" / "_fingerprint.json").read_text())["settings"]
+    assert results[0]["nsfw"] == results[1]["nsfw"]  # bit for bit
+    # score's batches change the order of float sums: its scores agree to float32 rounding, everything else exactly
+    (kept_a, dropped_a), (kept_b, dropped_b) = results[0]["score"], results[1]["score"]
+    assert dropped_a == dropped_b and len(kept_a) == len(kept_b) > 0
+    for a, b in zip(kept_a, kept_b, strict=True):
+        floats = ("clip_keyword", "clip_narrative")
+        assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
+        assert all(a[k] == pytest.approx(b[k], abs=1e-6) for k in floats if a[k] is not None)
