@@ -55,6 +55,23 @@ class SetupOnceConfig(StageConfig):
         return SetupOnce()
 
 
+class ThreadCount:
+    """A model-like processor that records how many threads torch computes with in the worker."""
+
+    def setup(self) -> None:
+        import torch  # noqa: F401  # a model stage's setup loads torch
+
+    def process_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        return [{**row, "narrative_origin": str(torch.get_num_threads())} for row in rows]
+
+
+class ThreadCountConfig(StageConfig):
+    def build(self) -> ThreadCount:
+        return ThreadCount()
+
+
 class MissingModel(SetupOnce):
     def setup(self) -> None:
         raise StageError("score: model folder /nowhere/model not found")
@@ -246,6 +263,27 @@ def test_model_stage_runs_in_an_actor_pool_set_up_once_per_actor(reference: Path
     assert all(w.endswith(":1") for w in workers), f"setup ran more than once in a worker: {workers}"
     assert 1 <= len(pids) <= 2 and str(os.getpid()) not in pids
     assert len(shards.shard_names(run_dir / "score")) > len(pids)  # actors were reused across shards
+
+
+def test_a_model_stage_computes_with_the_same_threads_on_every_executor(reference: Path, tmp_path: Path) -> None:
+    """Another thread count sums floats in another order, and a sampling LLM then writes other words (#11, 9)."""
+    import torch
+
+    from pipelines.local import run_stage
+
+    before = torch.get_num_threads()
+    seen = {}
+    for name, run in (("serial", lambda d: run_stage(d, "pair", ThreadCountConfig(num_cpus=1), progress=False)),
+                      ("pool", lambda d: run_stage(d, "pair", ThreadCountConfig(num_cpus=1), workers=2,
+                                                   progress=False)),
+                      ("ray", lambda d: run_stage_ray(d, "pair", ThreadCountConfig(num_cpus=1), progress=False,
+                                                      max_actors=2))):
+        run_dir = tmp_path / name
+        shutil.copytree(reference / "dedup", run_dir / "dedup")
+        run(run_dir)
+        seen[name] = set(shards.read_stage_table(run_dir / "pair").column("narrative_origin").to_pylist())
+    assert seen == {"serial": {"1"}, "pool": {"1"}, "ray": {"1"}}
+    assert torch.get_num_threads() == before  # the parent's own count is given back
 
 
 def test_user_error_in_a_worker_surfaces_as_surd_error(reference: Path, tmp_path: Path) -> None:
