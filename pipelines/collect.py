@@ -151,8 +151,9 @@ def remove_source(run_dir: Path, name: str, reason: str) -> None:
     later = [s for s in layout.STAGES[1:] if layout.stage_dir(run_dir, s).exists()]
     notice(f"collect {name}: {reason}; rebuilding {', '.join([f'collect/{name}', *later])}")
     (stage_dir / shards.MANIFEST).unlink(missing_ok=True)
-    for part in (stage_dir / name, stage_dir / "dropped" / name, stage_dir / "_stats" / name,
-                 stage_dir / "_done" / name):
+    # markers first, the folder with its fingerprint last: a removal cut short is never read as finished shards
+    for part in (stage_dir / "_done" / name, stage_dir / "_stats" / name, stage_dir / "dropped" / name,
+                 stage_dir / name):
         discard(run_dir, part)
     if later:
         invalidate(run_dir, later[0], reason, quiet=True)

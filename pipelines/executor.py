@@ -152,6 +152,7 @@ def commit(out: Path, rel: str, kept: pa.Table, dropped: pa.Table, rows_in: int,
 def discard(run_dir: Path, path: Path) -> None:
     """Remove a folder so that no half-removed copy is ever read: renamed aside first (atomic), then deleted."""
     path = Path(path)
+    remove_trash(run_dir)  # what an earlier discard, killed half-way, set aside
     if not path.exists():
         return
     aside = Path(tempfile.mkdtemp(prefix=layout.TRASH_PREFIX, dir=run_dir))
