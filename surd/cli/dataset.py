@@ -86,7 +86,7 @@ def _print_plan(spec: Any, out: Path, until: str | None, rebuild_from: str | Non
         console.print(f"prepare: will write the demo images to {prepare.demo_data}", markup=False)
     if prepare.tiny_models and not (Path(prepare.tiny_models) / "DONE").exists():
         console.print(f"prepare: will write tiny models to {prepare.tiny_models}", markup=False)
-    steps = plan_run(spec, out, until=until, rebuild_from=rebuild_from)
+    steps = plan_run(spec, out, until=until, rebuild_from=rebuild_from, reviews=_reviews_for(out))
     for step in steps:
         console.print(step.line(), markup=False, highlight=False)
     if spec.train is not None and (until is None or until == "train"):
