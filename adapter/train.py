@@ -314,7 +314,7 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, data_dir: Path, run
         if config.validation_every and (step % config.validation_every == 0 or step == config.max_steps) and main:
             validation = validation or _runtime(config, accelerator.unwrap_model(adapter), device)
             with progress_bar(f"validation @ {step}", 2 * len(prompts) * config.validation_steps,
-                              enabled=progress, unit="steps") as denoising:
+                              enabled=progress and main, unit="steps") as denoising:
                 image = compare(pipe, validation, prompts, seed=config.seed, steps=config.validation_steps,
                                 guidance_scale=config.guidance_scale, on_step=lambda: denoising.advance(1))
             (out / "validation").mkdir(parents=True, exist_ok=True)

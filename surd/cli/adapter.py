@@ -78,7 +78,7 @@ def train_from_recipe(spec: Any, run_dir: Path) -> Path:
         for i, prompt in enumerate(gen.prompts):
             path = generate_to_file(config.base, out, prompt, folder / f"{i:03d}.png", seed=gen.seed,
                                     side=gen.compare, steps=gen.steps, guidance_scale=gen.guidance_scale,
-                                    adapt_unconditional=gen.adapt_unconditional)
+                                    adapt_unconditional=gen.adapt_unconditional, base_config=config.base_config)
             console.print(f"generated {path}")
     if spec.eval is not None:
         from adapter.config import EvalConfig
