@@ -61,7 +61,7 @@ from surd.errors import SurdError
 from surd.models import precision_dtype, resolve_device, resolve_precision
 from surd.shards import atomic_write_json
 
-__all__ = ["build_adapter", "compute_losses", "find_checkpoint", "prepare_frozen", "train"]
+__all__ = ["build_adapter", "compute_losses", "find_checkpoint", "prepare_frozen", "train", "training_plan"]
 LOSS_TERMS = ["loss", "diffusion", "llm", "prompt"]
 
 
@@ -133,6 +133,18 @@ def _say(message: str | None) -> None:
         print(message, flush=True)
 
 
+def _start(config: TrainConfig) -> tuple[Path, dict[str, Any], Plan]:
+    check_config(config)
+    data_dir = resolve_dataset(Path(config.data))
+    run = identity(config, dataset_revision(data_dir))
+    return data_dir, run, plan(config, run)  # refuses a folder holding another run before any data work
+
+
+def training_plan(config: TrainConfig) -> Plan:
+    """What `train(config)` would do with its folder (train, resume, skip; or a SurdError), without doing it."""
+    return _start(config)[2]
+
+
 def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None,
           progress: bool = True) -> Path:
     """Run (or resume) a training run; returns the run folder holding adapter.safetensors."""
@@ -140,11 +152,8 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
-    check_config(config)
+    data_dir, run, start = _start(config)
     out = Path(config.out)
-    data_dir = resolve_dataset(Path(config.data))
-    run = identity(config, dataset_revision(data_dir))
-    start = plan(config, run)  # refuses a folder holding another run before any data work
     if start.action == "skip":
         _say(start.message)
         return out

@@ -31,10 +31,11 @@ from surd.errors import SurdError
 from surd.shards import atomic_write_json
 
 IDENTITY_NAME = "run.json"
-# Settings that never change the trained weights: where things go, how often to save or look, logging, pacing.
+# Settings that never change the trained weights: where things go, how often to save or look, logging, and memory
+# or pacing knobs (gradient checkpointing recomputes the same activations).
 RUN_KEYS = frozenset({"data", "out", "resume", "overwrite", "checkpoint_every", "checkpoints_keep", "validation_every",
                       "validation_prompts", "validation_steps", "guidance_scale", "cache_dir", "dataloader_workers",
-                      "teacher_batch_size", "report_to"})
+                      "teacher_batch_size", "report_to", "gradient_checkpointing"})
 RESUMABLE = frozenset({"max_steps"})  # may change between a run and its resumption
 # What only a training run writes: --overwrite and auto clear a folder holding one of these, never another folder.
 RUN_MARKERS = ("train_config.json", IDENTITY_NAME, CONFIG_NAME)

@@ -11,7 +11,7 @@ import pytest
 
 from adapter.config import TrainConfig
 from adapter.recipe import ModelRecipe
-from adapter.train import train
+from adapter.train import train, training_plan
 from surd.cli.adapter import train_from_recipe
 from surd.demo.tiny import write_tiny_dataset, write_tiny_world
 from surd.errors import SurdError
@@ -86,6 +86,9 @@ def test_resume_latest_says_what_it_resumed_or_that_there_was_nothing(world, tmp
     assert json.loads((out / "adapter_config.json").read_text())["steps"] == 3
 
     done = (out / "adapter.safetensors").stat().st_mtime_ns
+    assert training_plan(_config(world, out, resume="latest", max_steps=3)).action == "skip"  # e.g. for a dry run
+    assert training_plan(_config(world, out, resume="latest", max_steps=4)).checkpoint == \
+        out / "checkpoints" / "checkpoint-0000003"
     train(_config(world, out, resume="latest", max_steps=3), progress=False)
     assert "the adapter is complete for these settings and data (step 3): nothing to train" in capsys.readouterr().out
     assert (out / "adapter.safetensors").stat().st_mtime_ns == done
