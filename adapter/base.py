@@ -81,6 +81,7 @@ def load_pipeline(base: str, device: str | torch.device | None = None, dtype: to
             if cls is not StableDiffusionXLPipeline:
                 extra = dict(safety_checker=None, requires_safety_checker=False)
             pipe = cls.from_single_file(str(path), config=config, dtype=dtype, **extra)
+            pipe.register_to_config(_name_or_path=str(path))  # what warnings call it (unset by diffusers)
         else:
             cls = _pipeline_class(base, None)
             if cls is not StableDiffusionXLPipeline:

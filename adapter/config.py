@@ -190,7 +190,8 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
+    base: str = Field(..., description="diffusers Stable Diffusion folder, hub id, or one .safetensors/.ckpt file")
+    base_config: str | None = Field(None, description="single-file base: a diffusers folder or hub id of its configs")
     adapter: Path = Field(..., description="a `surd train` run folder (adapter.safetensors + adapter_config.json)")
     clip: str = Field(..., description="CLIP for scoring: an open_clip folder, or NAME/PRETRAINED (tag or file)")
     data: Path | None = Field(None, description="run folder holding the exported dataset (DIR/surd/data/*.parquet)")

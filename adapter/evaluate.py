@@ -179,7 +179,8 @@ def generate_missing(jobs: list[Job], config: EvalConfig, bar: Any) -> int:
     device = resolve_device(config.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     for model, model_jobs in by_model.items():
-        pipe = load_pipeline(model, device=device, dtype=dtype)
+        configs = config.base_config if model == config.base else None  # a single-file --base's (not --finetune's)
+        pipe = load_pipeline(model, device=device, dtype=dtype, config=configs)
         adapters = {}
         for arm in {j.arm for j in model_jobs if j.arm.adapter is not None}:
             adapters[arm.tag] = load_adapter(arm.adapter, pipe)

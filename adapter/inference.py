@@ -13,6 +13,7 @@ would use (SDXL's zeros for an empty negative prompt included).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -272,9 +273,15 @@ def compare(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, on_step:
     return labelled_grid(rows, prompts, ["base", arm_label(adapter)])
 
 
-def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None) -> AdapterRuntime:
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # sys.stderr looked up now: whatever stderr is at the time
+
+
+def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None,
+                 warn: Callable[[str], None] | None = _to_stderr) -> AdapterRuntime:
     """A trained adapter of any kind, checked against the pipeline's text width and moved to its device; for the
-    connector, its LLM too (`llm` overrides the one recorded at training)."""
+    connector, its LLM too (`llm` overrides the one recorded at training). `warn` hears one line when `pipe` is
+    not the base the adapter was trained on (generate, eval and Python callers alike; None: not checked)."""
     from adapter.kinds import load
 
     module = load(run_dir)
@@ -283,6 +290,9 @@ def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None) -> AdapterRun
     if module.dim != dim:
         raise SurdError(f"--adapter {run_dir}: trained for a {module.dim}-dim text encoder "
                         f"({saved.get('base_model', '?')}), but --base has {dim}")
+    mismatch = None if warn is None else base_mismatch(pipe, run_dir, pipe.name_or_path or "(this pipeline)")
+    if mismatch:
+        warn(mismatch)
     module = module.to(pipe.device)
     if kind_of(module) != "connector":
         return AdapterRuntime(module)
@@ -311,10 +321,7 @@ def generate_to_file(base: str, adapter_dir: Path, prompt: str, out: Path, *, se
     device = resolve_device(device)
     pipe = load_pipeline(base, device=device, dtype=precision_dtype(resolve_precision("auto", device)),
                          config=base_config)
-    adapter = load_adapter(adapter_dir, pipe, llm)
-    mismatch = base_mismatch(pipe, adapter_dir, base)
-    if mismatch and warn is not None:
-        warn(mismatch)
+    adapter = load_adapter(adapter_dir, pipe, llm, warn=warn or _to_stderr)
     kwargs = dict(seed=seed, steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                   adapt_unconditional=adapt_unconditional)
     with progress_bar("generate", steps * (2 if side else 1), enabled=progress, unit="steps") as bar:

@@ -305,3 +305,52 @@ def test_train_flags_people_look_for_show_defaults_and_reach_the_config(world, t
     assert saved["batch_size"] == 3  # a flag left at its default does not override --config
     assert (saved["resolution"], saved["gradient_accumulation"], saved["mixed_precision"], saved["report_to"]) == \
         (32, 2, "no", "none")
+
+
+def _adapter_trained_on(sd: Path, folder: Path) -> Path:
+    """An adapter folder recording `sd` as its base, by path and by fingerprint (as `surd train` writes it)."""
+    from adapter.base import base_fingerprint
+
+    torch.manual_seed(0)
+    SURAdapter(DIM, ff_dim=64).save(folder, {"base_model": str(sd),
+                                             "base_fingerprint": base_fingerprint(load_pipeline(str(sd)))})
+    return folder
+
+
+def test_eval_warns_in_one_line_when_its_base_is_not_the_adapters(world, pipe, tmp_path, capsys) -> None:
+    from adapter.config import EvalConfig
+    from adapter.evaluate import run_eval
+    from surd.demo.tiny import write_tiny_clip
+
+    folder = _adapter_trained_on(world["sd"], tmp_path / "adapter")
+    load_adapter(folder, pipe)  # its own base: nothing to say
+    assert "warning" not in capsys.readouterr().err
+    other = write_tiny_sd(tmp_path / "other-sd", text_dim=DIM, seed=1)
+    config = EvalConfig(base=str(other), adapter=folder, clip=str(write_tiny_clip(tmp_path / "clip")),
+                        probes=["counting"], limit=1, seeds=[0], steps=1, height=32, width=32)
+    run_eval(config, tmp_path / "eval", progress=False)
+    said = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(said) == 1 and f"--base {other} is not the model this adapter was trained on" in said[0]
+    assert str(world["sd"]) in said[0]  # ... and names the one it was trained on
+    said = []
+    load_adapter(folder, load_pipeline(str(other)), warn=said.append)  # Python callers can take the line
+    assert len(said) == 1 and "not the model this adapter was trained on" in said[0]
+
+
+def test_recipe_with_a_single_file_base_trains_generates_and_evaluates(world, single_file, tmp_path,
+                                                                       capsys) -> None:
+    from adapter.recipe import ModelRecipe as Recipe
+    from surd.demo.tiny import write_tiny_clip
+
+    run = write_tiny_dataset(tmp_path / "run", n=6, test=1)
+    spec = Recipe(collect=[], train={"base": str(single_file), "base_config": str(world["sd"]),
+                                     "llm": str(world["llm"]), "resolution": 32, "batch_size": 2, "max_steps": 1,
+                                     "validation_every": 0, "report_to": "none", "adapter": {"ff_dim": 64}},
+                  generate={"prompts": ["a red circle"], "steps": 1},
+                  eval={"clip": str(write_tiny_clip(tmp_path / "clip")), "probes": [], "seeds": [0], "steps": 1,
+                        "height": 32, "width": 32})
+    out = train_from_recipe(spec, run)
+    assert Image.open(out / "generate" / "000.png").size == _compare_size("a red circle", "sur")
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["images"]["generated"] == 2 * results["prompts"]["surd"] > 0  # base and adapter
+    assert "warning" not in capsys.readouterr().err  # the single file is the base it trained on

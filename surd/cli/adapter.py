@@ -85,7 +85,9 @@ def train_from_recipe(spec: Any, run_dir: Path) -> Path:
         from adapter.evaluate import run_eval
 
         section = spec.eval.model_dump()
-        section.update(base=section["base"] or config.base, adapter=section["adapter"] or out,
+        if not section["base"]:  # the recipe's base, as train loaded it
+            section.update(base=config.base, base_config=section["base_config"] or config.base_config)
+        section.update(adapter=section["adapter"] or out,
                        data=section["data"] or run_dir)
         results = run_eval(EvalConfig.model_validate(section), out / "eval")
         console.print(f"evaluation: {results['images']['total']} images, report {out / 'eval' / 'report.html'}")
