@@ -215,6 +215,7 @@ def test_single_file_base_loads_offline_and_is_the_same_model(world, pipe, singl
     from adapter.base import base_fingerprint
 
     from_file = load_pipeline(str(single_file), config=str(world["sd"]))
+    assert from_file.name_or_path == str(single_file)  # what a warning calls it (diffusers leaves it unset)
     ckpt = tmp_path / "tiny-sd15.ckpt"
     torch.save({"state_dict": load_file(str(single_file)), "global_step": 7}, ckpt)  # the usual .ckpt layout
     from_ckpt = load_pipeline(str(ckpt), config=str(world["sd"]))
