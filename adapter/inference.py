@@ -290,7 +290,8 @@ def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None,
     if module.dim != dim:
         raise SurdError(f"--adapter {run_dir}: trained for a {module.dim}-dim text encoder "
                         f"({saved.get('base_model', '?')}), but --base has {dim}")
-    mismatch = None if warn is None else base_mismatch(pipe, run_dir, pipe.name_or_path or "(this pipeline)")
+    name = getattr(pipe, "name_or_path", None) or "(this pipeline)"
+    mismatch = None if warn is None else base_mismatch(pipe, run_dir, name)
     if mismatch:
         warn(mismatch)
     module = module.to(pipe.device)
