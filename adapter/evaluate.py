@@ -157,17 +157,19 @@ def plan_jobs(arms: list[Arm], items: list[EvalItem], seeds: list[int], out: Pat
     return jobs
 
 
-def _generate_batch(pipe: Any, adapter: Any, prompts: list[str], seeds: list[int], config: EvalConfig) -> list[Any]:
+def _generate_batch(pipe: Any, adapter: Any, prompts: list[str], seeds: list[int], config: EvalConfig,
+                    on_step: Any = None) -> list[Any]:
     from adapter.inference import generate_images
 
     # Every kind and base (SD, SDXL) goes through the one generation function `surd generate` uses.
     return generate_images(pipe, adapter, prompts, seeds, steps=config.steps, guidance_scale=config.guidance_scale,
                            negative_prompt=config.negative_prompt, height=config.height, width=config.width,
-                           adapt_unconditional=config.adapt_unconditional)
+                           adapt_unconditional=config.adapt_unconditional, on_step=on_step)
 
 
 def generate_missing(jobs: list[Job], config: EvalConfig, bar: Any) -> int:
-    """Generate the images not on disk yet (one pipeline per model); returns how many were made."""
+    """Generate the images not on disk yet (one pipeline per model), advancing `bar` by each image's denoising
+    steps as they happen; returns how many were made."""
     import torch
 
     from adapter.inference import load_adapter, load_pipeline
@@ -179,7 +181,8 @@ def generate_missing(jobs: list[Job], config: EvalConfig, bar: Any) -> int:
     device = resolve_device(config.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     for model, model_jobs in by_model.items():
-        pipe = load_pipeline(model, device=device, dtype=dtype)
+        configs = config.base_config if model == config.base else None  # a single-file --base's (not --finetune's)
+        pipe = load_pipeline(model, device=device, dtype=dtype, config=configs)
         adapters = {}
         for arm in {j.arm for j in model_jobs if j.arm.adapter is not None}:
             adapters[arm.tag] = load_adapter(arm.adapter, pipe)
@@ -190,12 +193,11 @@ def generate_missing(jobs: list[Job], config: EvalConfig, bar: Any) -> int:
             for start in range(0, len(arm_jobs), config.batch_size):
                 chunk = arm_jobs[start : start + config.batch_size]
                 images = _generate_batch(pipe, adapters.get(tag), [j.generation_prompt for j in chunk],
-                                         [j.seed for j in chunk], config)
+                                         [j.seed for j in chunk], config, lambda n=len(chunk): bar.advance(n))
                 for job, image in zip(chunk, images, strict=True):
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")
                     atomic_write_bytes(job.path, buffer.getvalue())  # a killed run never leaves half an image
-                bar.update(len(chunk))
         del pipe, adapters
         if device.startswith("cuda"):
             torch.cuda.empty_cache()  # before the next model (a --finetune control) loads
@@ -265,6 +267,7 @@ def run_eval(config: EvalConfig, out: Path, progress: bool = True) -> dict[str, 
 
     from adapter.eval_report import summarise, write_reports
     from adapter.eval_scores import ClipEvalScorer, score_images
+    from pipelines.progress import progress_bar
     from surd.shards import atomic_write_json, write_table
 
     out = Path(out)
@@ -281,7 +284,8 @@ def run_eval(config: EvalConfig, out: Path, progress: bool = True) -> dict[str, 
     jobs = plan_jobs(arms, items, config.seeds, out, expansions)
     write_arm_cards(arms, config, out)
     missing = len({j.path for j in jobs if not j.path.is_file()})
-    with _bar(missing, "generate", progress) as bar:
+    with progress_bar("eval: generate", missing * config.steps, enabled=progress and missing > 0,
+                      unit="steps") as bar:  # denoising steps: a batch of 4 at 30 steps moves 30 times
         generated = generate_missing(jobs, config, bar)
 
     records = [{"arm": j.arm.name, "arm_tag": j.arm.tag, "category": j.item.category, "item_id": j.item.id,

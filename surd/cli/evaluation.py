@@ -27,7 +27,8 @@ def _seeds(value: str) -> list[int]:
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        base: str = typer.Option(..., "--base", help="diffusers Stable Diffusion folder or hub id"),
+        base: str = typer.Option(..., "--base", help="diffusers SD folder, hub id, or one .safetensors/.ckpt file"),
+        base_config: str | None = typer.Option(None, "--base-config", help="single-file --base: its configs' folder"),
         adapter: Path = typer.Option(..., "--adapter", help="`surd train` run folder"),
         out: Path = typer.Option(..., "--out", "-o", help="evaluation folder (created; rerun to resume)"),
         clip: str = typer.Option(..., "--clip", help="open_clip folder, or NAME/PRETRAINED (e.g. ViT-L-14/openai)"),
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             config = EvalConfig(
-                base=base, adapter=adapter, clip=clip, data=data,
+                base=base, base_config=base_config, adapter=adapter, clip=clip, data=data,
                 probes=[] if probes.strip().lower() == "none" else _csv(probes, "--probes"),
                 limit=limit, seeds=_seeds(seeds), steps=steps, guidance_scale=guidance,
                 negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size, device=device,
