@@ -1,8 +1,8 @@
 """`surd`: the command line, the one room that imports every package. Thin: parse, call, print.
 
 Each module adds its commands with `register(app)`: `dataset` (run, collect, stages, export, stats, report,
-fetch, models), `review`, `adapter` (teacher, train, generate, adapter ...), `evaluation` (eval). User errors
-(`SurdError`) print one line without a traceback.
+fetch, models), `review`, `adapter` (teacher, train, generate, adapter ...), `evaluation` (eval), `experiment`.
+User errors (`SurdError`) print one line without a traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import sys
 
 import typer
 
-from surd.cli import adapter, dataset, evaluation, review
+from surd.cli import adapter, dataset, evaluation, experiment, review
 from surd.cli.common import err
 from surd.errors import SurdError
 
 app = typer.Typer(help="Build SURD, review it in Label Studio, train the SUR-adapter.", no_args_is_help=True)
-for _module in (dataset, review, adapter, evaluation):
+for _module in (dataset, review, adapter, evaluation, experiment):
     _module.register(app)
 
 

@@ -1,0 +1,90 @@
+"""The `shapes` world: one flat object on a plain background, its attributes known for every image.
+
+    shape     circle | square | triangle
+    colour    red | green | blue | yellow
+    size      small | large
+    position  left | right | top | bottom     (where the object's centre sits)
+
+96 combinations. Those whose (colour, position) pair is in `HELD_OUT_PAIRS` never reach any training set
+(the dataset, the base model, the adapters): they are the compositional held-out set. Each colour and each
+position still appears in training, with the other three partners.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Iterator
+
+from PIL import Image, ImageDraw
+
+Attributes = dict[str, str]
+
+COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 89, 220), "yellow": (240, 200, 20)}
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": ("circle", "square", "triangle"),
+    "colour": tuple(COLOURS),
+    "size": ("small", "large"),
+    "position": ("left", "right", "top", "bottom"),
+}
+HELD_OUT_PAIRS = {("red", "top"), ("green", "right"), ("blue", "bottom"), ("yellow", "left")}
+
+RADIUS = {"small": 0.15, "large": 0.25}  # half the object's extent, as a share of the image side
+CENTRE = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+SUPERSAMPLE = 4  # drawn 4x larger, then downsampled: anti-aliased edges, as a generator would produce
+
+
+def chance(attribute: str) -> float:
+    """Accuracy of a uniform guess."""
+    return 1 / len(ATTRIBUTES[attribute])
+
+
+def combinations() -> list[Attributes]:
+    """All 96 attribute combinations, in a fixed order."""
+    names = list(ATTRIBUTES)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*ATTRIBUTES.values())]
+
+
+def is_held_out(attributes: Attributes) -> bool:
+    return (attributes["colour"], attributes["position"]) in HELD_OUT_PAIRS
+
+
+def split_combinations() -> tuple[list[Attributes], list[Attributes]]:
+    """(seen, held-out) combinations."""
+    every = combinations()
+    return [a for a in every if not is_held_out(a)], [a for a in every if is_held_out(a)]
+
+
+def cycle(combos: list[Attributes], n: int, rng: random.Random) -> Iterator[Attributes]:
+    """`n` combinations, each used equally often (up to one), in a shuffled order."""
+    pool: list[Attributes] = []
+    for _ in range(n):
+        if not pool:
+            pool = list(combos)
+            rng.shuffle(pool)
+        yield pool.pop()
+
+
+def render(attributes: Attributes, rng: random.Random, side: int = 32) -> Image.Image:
+    """One scene; position, size, colour and background jitter a little, the attributes never change."""
+    big = side * SUPERSAMPLE
+    tone = rng.randint(222, 246)
+    image = Image.new("RGB", (big, big), (tone, tone, min(255, tone + rng.randint(-4, 4))))
+    draw = ImageDraw.Draw(image)
+    cx, cy = CENTRE[attributes["position"]]
+    cx, cy = (cx + rng.uniform(-0.05, 0.05)) * big, (cy + rng.uniform(-0.05, 0.05)) * big
+    r = RADIUS[attributes["size"]] * rng.uniform(0.9, 1.1) * big
+    fill = tuple(max(0, min(255, c + rng.randint(-18, 18))) for c in COLOURS[attributes["colour"]])
+    shape = attributes["shape"]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.88  # same area feel as the circle
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    else:
+        turn, t = rng.uniform(-0.15, 0.15), r * 1.15  # a point up, slightly turned
+        corners = (0, 2 * math.pi / 3, 4 * math.pi / 3)
+        points = [(cx + t * math.sin(a + turn), cy - t * math.cos(a + turn)) for a in corners]
+        draw.polygon(points, fill=fill)
+    return image.resize((side, side), Image.LANCZOS)
