@@ -158,7 +158,7 @@ def train_unet(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, images: t
     embeds = encode_texts(tokenizer, text_encoder, unique)
     caption_index = torch.tensor([unique.index(c) for c in captions])
     empty = unique.index("")
-    unet.train()
+    unet.train().requires_grad_(True)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=schedule.learning_rate, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(schedule.seed)
     rng = random.Random(schedule.seed)

@@ -161,8 +161,8 @@ def verdict(entry: dict[str, Any]) -> str:
     lower = floor["mean"] - (floor["ci95"] or 0)
     if lower <= 0:
         return "does not beat the floor"
-    reach = ceiling["mean"] + (ceiling["ci95"] or 0) >= 0
-    return "reaches the ceiling" if reach else "beats the floor, below the ceiling"
+    below = ceiling["mean"] + (ceiling["ci95"] or 0) < 0
+    return "beats the floor, below the ceiling" if below else "beats the floor, not distinguishable from the ceiling"
 
 
 def tables(result: dict[str, Any]) -> dict[str, list[list[str]]]:

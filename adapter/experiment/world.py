@@ -30,8 +30,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 HELD_OUT_PAIRS = {("red", "top"), ("green", "right"), ("blue", "bottom"), ("yellow", "left")}
 
-RADIUS = {"small": 0.15, "large": 0.25}  # half the object's extent, as a share of the image side
-CENTRE = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+RADIUS = {"small": 0.13, "large": 0.26}  # half the object's extent, as a share of the image side
+CENTRE = {"left": (0.29, 0.5), "right": (0.71, 0.5), "top": (0.5, 0.29), "bottom": (0.5, 0.71)}
 SUPERSAMPLE = 4  # drawn 4x larger, then downsampled: anti-aliased edges, as a generator would produce
 
 
@@ -83,8 +83,8 @@ def render(attributes: Attributes, rng: random.Random, side: int = 32) -> Image.
         s = r * 0.88  # same area feel as the circle
         draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
     else:
-        turn, t = rng.uniform(-0.15, 0.15), r * 1.15  # a point up, slightly turned
+        turn, t = rng.uniform(-0.15, 0.15), r * 1.2  # a point up, slightly turned, its bounding box centred
         corners = (0, 2 * math.pi / 3, 4 * math.pi / 3)
-        points = [(cx + t * math.sin(a + turn), cy - t * math.cos(a + turn)) for a in corners]
+        points = [(cx + t * math.sin(a + turn), cy + 0.15 * t - t * math.cos(a + turn)) for a in corners]
         draw.polygon(points, fill=fill)
     return image.resize((side, side), Image.LANCZOS)
