@@ -8,7 +8,10 @@ images under column labels) is the one image grid of every HTML page here and in
 
 from __future__ import annotations
 
+import html as html_lib
+import io
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -241,6 +244,57 @@ def grid_html(columns: list[str], rows: list[GridRow], small: bool = False) -> s
         label = f'<th class="row">{esc(row.label)}{"<br>" + row.note if row.note else ""}</th>'
         body.append(f'<tr class="row">{label}{"".join(cells)}</tr>')
     return f'<table class="grid">{head}{"".join(body)}</table>'
+
+
+def _plain(caption: str) -> str:
+    text = html_lib.unescape(re.sub(r"<[^>]+>", "", caption.replace("<br>", " · ")))
+    return text.replace("✓", "[ok]").replace("✗", "[x]")  # the default bitmap font has neither mark
+
+
+def grid_image(columns: list[str], rows: list[GridRow], cell: int = 96, label_width: int = 300) -> Any:
+    """The same grid as one PIL image (for Markdown pages): small images scaled up without smoothing."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    line = 14
+
+    def wrap(text: str, width: int) -> list[str]:
+        words, lines = text.split(), [""]
+        for word in words:
+            trial = f"{lines[-1]} {word}".strip()
+            if font.getlength(trial) <= width or not lines[-1]:
+                lines[-1] = trial
+            else:
+                lines.append(word)
+        return lines
+
+    column = cell + 16
+    header = [wrap(c, column - 6) for c in columns]
+    head_height = line * max(len(h) for h in header) + 8
+    heights = []
+    for row in rows:
+        under = max((len(wrap(_plain(c), column - 6)) for c in row.captions), default=0)
+        heights.append(max(cell + line * under, line * len(wrap(row.label + " " + _plain(row.note), label_width))) + 12)
+    grid = Image.new("RGB", (label_width + 12 + column * len(columns), head_height + sum(heights)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, lines in enumerate(header):
+        for n, text in enumerate(lines):
+            draw.text((label_width + 12 + i * column + 3, 4 + n * line), text, fill="black", font=font)
+    y = head_height
+    for row, height in zip(rows, heights, strict=True):
+        draw.line([(0, y), (grid.width, y)], fill=(220, 220, 220))
+        for n, text in enumerate(wrap(row.label + " " + _plain(row.note), label_width)):
+            draw.text((6, y + 6 + n * line), text, fill="black" if n == 0 else (90, 90, 90), font=font)
+        for i, data in enumerate(row.images):
+            x = label_width + 12 + i * column + 8
+            if data:
+                with Image.open(io.BytesIO(data)) as image:
+                    grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y + 6))
+            caption = row.captions[i] if i < len(row.captions) else ""
+            for n, text in enumerate(wrap(_plain(caption), column - 6)):
+                draw.text((x - 5, y + 8 + cell + n * line), text, fill=(60, 60, 60), font=font)
+        y += height
+    return grid
 
 
 def _html_table(rows: list[list[str]]) -> str:
