@@ -79,23 +79,30 @@ def build_vae(seed: int = 0) -> Any:
     )
 
 
-def build_unet(seed: int = 0, latent_side: int = 8) -> Any:
+def build_unet(seed: int = 0, latent_side: int = 8, pooled_text: bool = True) -> Any:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
+    # pooled_text: an attention-pooled summary of the text tokens joins the timestep embedding (as SDXL's pooled
+    # text embedding does), on top of the cross-attention; the UNet reads the same text tokens either way.
+    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if pooled_text else {}
     return UNet2DConditionModel(
         sample_size=latent_side, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=32,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
+        attention_head_dim=8, **extra,
     )
 
 
 def build_scheduler() -> Any:
     from diffusers import DDIMScheduler
 
+    # SD 1.5's betas rescaled to a zero terminal SNR (Lin et al. 2024), so the last step is pure noise: with SD's
+    # schedule the noisiest training input still shows where the object is, and a small model learns to read
+    # the layout from that leak instead of from the prompt. Zero terminal SNR needs v-prediction and trailing steps.
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+                         rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def _batches(n: int, schedule: Schedule) -> Any:
@@ -146,9 +153,12 @@ def encode_texts(tokenizer: Any, text_encoder: Any, texts: list[str]) -> torch.T
 
 
 def train_unet(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, images: torch.Tensor, captions: list[str],
-               schedule: Schedule, caption_dropout: float = 0.1, log: Callable[[str], None] = print) -> Any:
-    """Train `unet` on (image, caption) pairs with the epsilon objective; frozen VAE and text encoder."""
+               schedule: Schedule, caption_dropout: float = 0.1, snr_gamma: float | None = None,
+               high_noise: float = 0.0, log: Callable[[str], None] = print) -> Any:
+    """Train `unet` on (image, caption) pairs with the scheduler's objective (v); frozen VAE and text encoder."""
     from diffusers import DDPMScheduler
+
+    from adapter.losses import diffusion_loss, diffusion_target
 
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
     with torch.no_grad():
@@ -168,9 +178,9 @@ def train_unet(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, images: t
         which = caption_index[index].clone()
         which[[i for i in range(len(which)) if rng.random() < caption_dropout]] = empty
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        t = _timesteps(len(x0), noise_scheduler.config.num_train_timesteps, high_noise, generator)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[which]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss = diffusion_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), t, noise_scheduler, snr_gamma)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -178,6 +188,14 @@ def train_unet(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, images: t
         if step % 100 == 0 or step == schedule.steps:
             log(f"unet step {step}/{schedule.steps}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
     return unet.eval().requires_grad_(False)
+
+
+def _timesteps(n: int, total: int, high_noise: float, generator: torch.Generator) -> torch.Tensor:
+    """Uniform timesteps, a `high_noise` share of them drawn from the noisier half instead: that is where a
+    picture's layout and colours are decided, what this world's attributes are."""
+    t = torch.randint(0, total, (n,), generator=generator)
+    noisy = torch.randint(total // 2, total, (n,), generator=generator)
+    return torch.where(torch.rand(n, generator=generator) < high_noise, noisy, t)
 
 
 def save_pipeline(folder: Path, vae: Any, tokenizer: Any, text_encoder: Any, unet: Any) -> Path:
