@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/surd run pipelines/recipes/demo.yaml --out demo-out
-	$(BIN)/surd report demo-out -o demo-out/report.html
+	$(BIN)/surd report demo-out  # writes demo-out/report.html
 
 test: $(BIN)/.installed
 	bash scripts/setup_test_services.sh

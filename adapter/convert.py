@@ -1,4 +1,4 @@
-"""Import an original SUR-adapter checkpoint (`adapter_checkpoint*.pt` / `adapter.pt`) into `paper` mode.
+"""Import an original SUR-adapter checkpoint (`adapter_checkpoint*.pt` / `adapter.pt`) as the `paper` kind.
 
 The original `Adapter` state dict holds:
 
@@ -77,12 +77,13 @@ def map_state(original: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 
 def convert_original(ckpt: Path, out: Path, eta: float = 0.1, heads: int = 8, base_model: str | None = None) -> Path:
-    """Write `out/adapter.safetensors` + `adapter_config.json` in `paper` mix from an original checkpoint.
+    """Write `out/adapter.safetensors` + `adapter_config.json` of the `paper` kind from an original checkpoint.
 
     `eta` is the original `--adapter_weight` (0.1 in its run.sh); `heads` its hard-coded nhead=8.
     """
     state, dims = map_state(read_original(ckpt))
-    adapter = SURAdapter(dims["dim"], depth=dims["depth"], heads=heads, ff_dim=dims["ff_dim"], eta=eta, mix="paper")
+    adapter = SURAdapter(dims["dim"], depth=dims["depth"], heads=heads, ff_dim=dims["ff_dim"], eta=eta, mix="paper",
+                         kind="paper")
     missing, unexpected = adapter.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SurdError(f"{ckpt}: cannot map onto SURAdapter (missing {missing}, unexpected {unexpected})")

@@ -4,7 +4,8 @@ Input: an exported dataset folder (`<dir>/data/*.parquet`, HF layout) or a run f
 Caches (built once, reused across epochs and runs; see adapter/cache.py for the keying):
   latents/<hash>/   VAE latent distribution parameters (mean, logvar) per image and flip, so every
                     step still samples its own latent; needs a centre crop (a random crop is per step)
-  text/<hash>/      the frozen text encoder's last hidden state per prompt, plus its token count
+  text/<hash>/      the frozen text encoder's last hidden state per prompt, plus its token count (SDXL: both
+                    encoders' penultimate states side by side, plus the pooled embedding)
 Batches come from `EpochBatches`: a seeded permutation per epoch, sliceable at any batch, so a resumed
 run continues at the exact sample the killed one would have trained on next.
 """
@@ -25,10 +26,12 @@ import torch
 from PIL import Image
 
 from adapter.cache import TensorCache, cache_key, fingerprint, model_fingerprint, sha256_bytes, sha256_text
+from adapter.text import PromptEncoder, crop_time_ids, text_embeds, tokenize
 from surd import layout
 from surd.errors import SurdError
 
-COLUMNS = ["id", "image", "keyword_prompt", "narrative_prompt", "split"]
+COLUMNS = ["id", "image", "keyword_prompt", "narrative_prompt", "split", "width", "height"]
+__all__ = ["text_embeds", "tokenize"]  # re-exported: the SD 1.x/2.x encoding helpers live in adapter/text.py
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Sample:
     keyword: str
     image: bytes | None
     image_hash: str
+    width: int | None = None
+    height: int | None = None
 
 
 def resolve_dataset(path: Path) -> Path:
@@ -69,7 +74,9 @@ def dataset_revision(dataset_dir: Path) -> dict[str, Any]:
 
 def _rows(path: Path) -> Iterator[dict[str, Any]]:
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=COLUMNS):
+        file = pq.ParquetFile(path)
+        columns = [c for c in COLUMNS if c in file.schema_arrow.names]  # width/height are optional
+        for batch in file.iter_batches(batch_size=256, columns=columns):
             yield from batch.to_pylist()
     except (OSError, ValueError) as e:  # pyarrow's errors derive from these
         raise SurdError(f"cannot read SURD shard {path}: {e}") from None
@@ -90,7 +97,8 @@ def read_samples(dataset_dir: Path, split: str | None = "train", max_samples: in
                 continue
             if not image or not row["narrative_prompt"] or not row["keyword_prompt"] or row["id"] in samples:
                 continue
-            sample = Sample(row["id"], row["narrative_prompt"], row["keyword_prompt"], image, sha256_bytes(image))
+            sample = Sample(row["id"], row["narrative_prompt"], row["keyword_prompt"], image, sha256_bytes(image),
+                            row.get("width"), row.get("height"))
             if keep_image is not None and not keep_image(sample):
                 sample.image = None
             samples[sample.id] = sample
@@ -122,20 +130,6 @@ def load_image(data: bytes, resolution: int, flip: bool = False,
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask [B, 77], padded the way Stable Diffusion pipelines pad."""
-    out = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt")
-    return out.input_ids, out.attention_mask
-
-
-def text_embeds(text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The text encoder's last hidden state, called as diffusers' `encode_prompt` calls it."""
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-    device = text_encoder.device
-    return text_encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None)[0]
-
-
 def latent_params(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latent distribution parameters [B, 2C, h, w] (mean, logvar)."""
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
@@ -165,7 +159,13 @@ def latent_cache(cache_dir: Path, vae: Any, base: str, resolution: int) -> Tenso
 
 
 def text_cache(cache_dir: Path, text_encoder: Any, base: str) -> TensorCache:
-    info = {"kind": "text", "text_encoder": model_fingerprint(base, text_encoder.config.to_dict())}
+    """The text cache of one base model: `text_encoder` is its text encoder, or a PromptEncoder (SDXL: both)."""
+    if isinstance(text_encoder, PromptEncoder):
+        if not text_encoder.sdxl:
+            return text_cache(cache_dir, text_encoder.text_encoder, base)
+        info = {"kind": "text-sdxl", "text_encoders": [model_fingerprint(base, c) for c in text_encoder.config_dicts()]}
+    else:
+        info = {"kind": "text", "text_encoder": model_fingerprint(base, text_encoder.config.to_dict())}
     return TensorCache(Path(cache_dir) / "text" / fingerprint(info), info)
 
 
@@ -185,20 +185,28 @@ def build_latent_cache(cache: TensorCache, vae: Any, samples: Sequence[Sample], 
     return len(todo)
 
 
+def _encoder(tokenizer: Any, text_encoder: Any) -> PromptEncoder:
+    return tokenizer if isinstance(tokenizer, PromptEncoder) else PromptEncoder(tokenizer, text_encoder)
+
+
 @torch.no_grad()
 def build_text_cache(cache: TensorCache, tokenizer: Any, text_encoder: Any, items: Sequence[tuple[str, str]],
                      batch_size: int = 32) -> int:
-    """Encode the (id, text) pairs missing from `cache`; return how many were computed."""
+    """Encode the (id, text) pairs missing from `cache`; return how many were computed. `tokenizer` may be a
+    PromptEncoder (SDXL), then `text_encoder` is ignored."""
+    encoder = _encoder(tokenizer, text_encoder)
     todo = [(i, t) for i, t in dict.fromkeys(items) if text_key(i, t) not in cache]
     for start in range(0, len(todo), batch_size * 8):
         entries = {}
         for b in range(start, min(start + batch_size * 8, len(todo)), batch_size):
             part = todo[b : b + batch_size]
-            ids, mask = tokenize(tokenizer, [t for _, t in part])
-            for (i, t), e, m in zip(part, text_embeds(text_encoder, ids, mask), mask, strict=True):
+            text = encoder([t for _, t in part])
+            for k, (i, t) in enumerate(part):
                 key = text_key(i, t)
-                entries[key] = e.half()
-                entries[key + ".n"] = m.sum().reshape(1).to(torch.int32)
+                entries[key] = text.hidden[k].half()
+                entries[key + ".n"] = text.mask[k].sum().reshape(1).to(torch.int32)
+                if text.pooled is not None:
+                    entries[key + ".pooled"] = text.pooled[k].half()
         cache.add(entries)
     return len(todo)
 
@@ -210,18 +218,23 @@ def _mask(n: int, length: int) -> torch.Tensor:
 
 
 class AdapterDataset(torch.utils.data.Dataset):
-    """Items for index `epoch * len + i`: sample i with that epoch's augmentation, from caches or raw."""
+    """Items for index `epoch * len + i`: sample i with that epoch's augmentation, from caches or raw.
+
+    `tokenizer` may be a PromptEncoder (SDXL: both tokenizers; items then carry `time_ids`).
+    `teacher_tokens` adds the per-token teacher states [L, H] (the connector's input; collate pads them)."""
 
     def __init__(self, samples: Sequence[Sample], *, seed: int, resolution: int, center_crop: bool,
                  random_flip: bool, tokenizer: Any, latents: TensorCache | None = None,
                  texts: TensorCache | None = None, teacher: TensorCache | None = None,
-                 need_keyword: bool = True) -> None:
+                 need_keyword: bool = True, teacher_vectors: bool = True, teacher_tokens: bool = False) -> None:
         if latents is not None and not center_crop:
             raise SurdError("train.cache_latents needs train.center_crop: a random crop differs every epoch")
         self.samples, self.seed, self.resolution = list(samples), seed, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
         self.tokenizer, self.latents, self.texts, self.teacher = tokenizer, latents, texts, teacher
         self.need_keyword = need_keyword
+        self.teacher_vectors, self.teacher_tokens = teacher_vectors, teacher_tokens
+        self.sdxl = isinstance(tokenizer, PromptEncoder) and tokenizer.sdxl
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -230,12 +243,15 @@ class AdapterDataset(torch.utils.data.Dataset):
         if self.texts is not None:
             key = text_key(sample_id, text)
             embeds = self.texts.get(key)
-            return {f"{prefix}_embeds": embeds, f"{prefix}_mask": _mask(int(self.texts.get(key + ".n")), len(embeds))}
-        ids, mask = tokenize(self.tokenizer, [text])
-        return {f"{prefix}_ids": ids[0], f"{prefix}_mask": mask[0]}
+            item = {f"{prefix}_embeds": embeds, f"{prefix}_mask": _mask(int(self.texts.get(key + ".n")), len(embeds))}
+            if self.sdxl:
+                item[f"{prefix}_pooled"] = self.texts.get(key + ".pooled")
+            return item
+        tokens = _encoder(self.tokenizer, None).tokenize([text])
+        return {f"{prefix}_{name}": value[0] for name, value in tokens.items()}
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        from adapter.teacher import vector_key
+        from adapter.teacher import tokens_key, vector_key
 
         epoch, i = divmod(int(k), len(self.samples))
         sample = self.samples[i]
@@ -250,15 +266,32 @@ class AdapterDataset(torch.utils.data.Dataset):
         item.update(self._text("narrative", sample.id, sample.narrative))
         if self.need_keyword:
             item.update(self._text("keyword", sample.id, sample.keyword))
-        if self.teacher is not None:
+        if self.teacher is not None and self.teacher_vectors:
             item["teacher"] = self.teacher.get(vector_key(sample.id, sample.narrative))
+        if self.teacher is not None and self.teacher_tokens:
+            item["teacher_tokens"] = self.teacher.get(tokens_key(sample.id, sample.narrative))
+        if self.sdxl:
+            item["time_ids"] = crop_time_ids(sample.width, sample.height, self.resolution)
         return item
+
+
+def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length token states [L_i, H] -> padded [B, max(L, 1), H] and mask [B, max(L, 1)]."""
+    length = max(1, *(len(s) for s in states))
+    padded = torch.zeros(len(states), length, states[0].shape[-1], dtype=states[0].dtype)
+    mask = torch.zeros(len(states), length, dtype=torch.long)
+    for i, s in enumerate(states):
+        padded[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return padded, mask
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"id": [it["id"] for it in items]}
     for key in items[0]:
-        if key != "id":
+        if key == "teacher_tokens":
+            batch["teacher_tokens"], batch["teacher_tokens_mask"] = pad_states([it[key] for it in items])
+        elif key != "id":
             batch[key] = torch.stack([it[key] for it in items])
     return batch
 

@@ -123,7 +123,8 @@ def probe_items(names: list[str], limit: int | None) -> list[EvalItem]:
 
 def _settings(config: EvalConfig, guidance: float) -> dict[str, Any]:
     return {"steps": config.steps, "guidance_scale": guidance, "negative_prompt": config.negative_prompt,
-            "height": config.height, "width": config.width}
+            "height": config.height, "width": config.width,
+            "adapt_unconditional": config.adapt_unconditional}
 
 
 def _model_identity(model: str) -> str:
@@ -189,19 +190,12 @@ def plan_jobs(arms: list[Arm], items: list[EvalItem], seeds: list[int], out: Pat
 
 def _generate_batch(pipe: Any, adapter: Any, prompts: list[str], seeds: list[int], config: EvalConfig,
                     guidance: float) -> list[Any]:
-    import torch
+    from adapter.inference import generate_images
 
-    from adapter.inference import encode_prompts
-
-    embeds = encode_prompts(pipe, prompts, adapter)
-    negative = None
-    if guidance > 1:  # the negative prompt goes through the adapter too, as in `surd generate`
-        negative = encode_prompts(pipe, [config.negative_prompt] * len(prompts), adapter)
-    # One CPU generator per image: its noise depends on its seed only, not on the batch it landed in.
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators,
-                num_inference_steps=config.steps, guidance_scale=guidance,
-                height=config.height, width=config.width).images
+    # Every kind and base (SD, SDXL) goes through the one generation function `surd generate` uses.
+    return generate_images(pipe, adapter, prompts, seeds, steps=config.steps, guidance_scale=guidance,
+                           negative_prompt=config.negative_prompt, height=config.height, width=config.width,
+                           adapt_unconditional=config.adapt_unconditional)
 
 
 def generate_missing(jobs: list[Job], config: EvalConfig, bar: Any) -> int:

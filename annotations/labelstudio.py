@@ -1,37 +1,38 @@
 """Label Studio over its API (label-studio-sdk): push samples as tasks, pull annotations back, report status.
 
 A project is found by its title (created when missing) and always gets `interface.xml`. Each task carries
-the SURD `sample_id`, so pushing again never duplicates a sample. The corrected-narrative box is pre-filled
-through a prediction, so reviewers edit the current narrative instead of retyping it.
-The API key is only ever sent in the Authorization header: never printed, logged or written.
+the SURD `sample_id`, so pushing again never duplicates a sample, and the columns a lead sorts and filters
+by in the data manager (`source`, `clip_narrative`, `clip_keyword`, `nsfw_score`). The interface pre-fills
+the corrected-narrative box with the narrative, so correcting it is typing and submitting.
+The API key (a personal access token or a legacy token, see `tokens.py`) is only ever sent in the
+Authorization header: never printed, logged or written.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
-import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, urlparse
+from typing import Any
 
 import httpx
 import pyarrow as pa
 
 from annotations import reviews, selection
+from annotations.images import MODES, ImageMode, image_urls
+from annotations.tokens import TokenAuth, refused, server_detail
 from surd import layout
 from surd.errors import SurdError
 
 INTERFACE = Path(__file__).with_name("interface.xml")
-MODEL_VERSION = "surd-narrative"  # the prediction that pre-fills the corrected-narrative box
-STORAGE_TITLE = "surd review thumbnails"
+# Scores copied into task data (with `source`) for the data manager's columns, sorting and filters.
+SCORE_COLUMNS = ("clip_narrative", "clip_keyword", "nsfw_score")
+SCORE_DECIMALS = 4
 IMPORT_BATCH = 100
 PAGE_SIZE = 500  # tasks per page when listing a project
-ImageMode = Literal["auto", "local", "inline"]
 
 
 class LabelStudioError(SurdError):
@@ -39,7 +40,7 @@ class LabelStudioError(SurdError):
 
 
 @contextlib.contextmanager
-def api_errors(url: str) -> Iterator[None]:
+def api_errors(url: str, kind: str = "API key") -> Iterator[None]:
     """Turn transport and API failures into one-line errors that name the server (never the key)."""
     from label_studio_sdk.core.api_error import ApiError
 
@@ -49,15 +50,12 @@ def api_errors(url: str) -> Iterator[None]:
         raise LabelStudioError(f"cannot reach Label Studio at {url}: {type(e).__name__}: {e}") from None
     except ApiError as e:
         if e.status_code in (401, 403):
-            raise LabelStudioError(
-                f"Label Studio at {url} refused the API key (HTTP {e.status_code}); "
-                "set LABEL_STUDIO_API_KEY or pass --api-key with a valid token"
-            ) from None
+            raise refused(url, kind, e.status_code, server_detail(e.body)) from None
         raise LabelStudioError(f"Label Studio at {url} answered HTTP {e.status_code}: {str(e.body)[:300]}") from None
 
 
 class Session:
-    """An authenticated connection to one Label Studio server."""
+    """An authenticated connection to one Label Studio server, with either kind of API token."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         from label_studio_sdk import LabelStudio
@@ -66,22 +64,29 @@ class Session:
         key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
         if not key:
             raise LabelStudioError("no Label Studio API key: set LABEL_STUDIO_API_KEY or pass --api-key")
-        self._key = key
-        self.client = LabelStudio(base_url=self.url, api_key=key, timeout=timeout)
-        with api_errors(self.url):
+        # Checked before the SDK sees it: an expired or wrong-kind token is a clear error, not an SDK traceback.
+        self.auth = TokenAuth(self.url, key)
+        self.token_kind = self.auth.kind
+        with self.errors():
+            self.client = LabelStudio(base_url=self.url, api_key=key, timeout=timeout)
             self.user = self.client.users.whoami()
 
     def __repr__(self) -> str:  # no key in tracebacks or logs
         return f"Session({self.url!r})"
 
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        return api_errors(self.url, self.token_kind)
+
     def get(self, path: str) -> httpx.Response:
         """A raw authenticated GET (for local-files probes the SDK has no call for)."""
-        headers = {"Authorization": f"Token {self._key}"}
-        with api_errors(self.url):
-            return httpx.get(f"{self.url}{path}", headers=headers, timeout=30)
+        with self.errors():
+            response = httpx.get(f"{self.url}{path}", auth=self.auth, timeout=30)
+        if response.status_code == 401:
+            raise refused(self.url, self.token_kind, 401, server_detail(response.text))
+        return response
 
     def find_project(self, title: str) -> Any | None:
-        with api_errors(self.url):
+        with self.errors():
             for project in self.client.projects.list(title=title):
                 if project.title == title:
                     return project
@@ -91,11 +96,9 @@ class Session:
         """(project id, created) for the project titled `title`, with our interface set."""
         config = INTERFACE.read_text()
         project = self.find_project(title)
-        with api_errors(self.url):
+        with self.errors():
             if project is None:
-                created = self.client.projects.create(title=title, label_config=config, model_version=MODEL_VERSION,
-                                                      show_collab_predictions=True)  # fmt: skip
-                return created.id, True
+                return self.client.projects.create(title=title, label_config=config).id, True
             if project.label_config != config:
                 self.client.projects.update(project.id, label_config=config)
         return project.id, False
@@ -107,13 +110,17 @@ class Session:
         return project.id
 
     def tasks(self, project_id: int, with_annotations: bool) -> list[Any]:
-        with api_errors(self.url):
+        with self.errors():
             fields = "all" if with_annotations else "task_only"
             return list(self.client.tasks.list(project=project_id, fields=fields, page_size=PAGE_SIZE))
 
     def annotator_names(self) -> dict[int, str]:
-        with api_errors(self.url):
+        with self.errors():
             return {u.id: u.email or u.username or str(u.id) for u in self.client.users.list()}
+
+    def delete_project(self, project_id: int) -> None:
+        with self.errors():
+            self.client.projects.delete(project_id)
 
 
 @dataclass
@@ -123,70 +130,29 @@ class PushResult:
     selected: int
     imported: int
     already_there: int
-    images: str
+    images: str  # local | inline | none (nothing new to import)
+    images_reason: str
 
 
-def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _local_image_urls(session: Session, project_id: int, thumbs: dict[str, Path]) -> dict[str, str] | None:
-    """Serve thumbnails through a local-files storage; None when the server cannot see this filesystem."""
-    from label_studio_sdk.core.api_error import ApiError
-
-    folder = next(iter(thumbs.values())).parent
-    local = session.client.import_storage.local
-    with api_errors(session.url):
-        if not any(Path(s.path or "") == folder for s in local.list(project=project_id)):
-            try:
-                # Not synced on purpose: syncing would turn every thumbnail into a task of its own.
-                local.create(project=project_id, path=str(folder), use_blob_urls=True, title=STORAGE_TITLE)
-            except ApiError as e:
-                if e.status_code == 400:  # the server cannot see this folder, or serves no local files
-                    return None
-                raise
-    # The URL is relative to the server's LOCAL_FILES_DOCUMENT_ROOT: find which ancestor that is.
-    probe = next(iter(thumbs.values()))
-    for root in probe.parents[1:]:
-        rel = probe.relative_to(root).as_posix()
-        response = session.get(f"/data/local-files/?d={quote(rel)}")
-        if response.status_code == 200 and response.content == probe.read_bytes():
-            return {i: f"/data/local-files/?d={quote(p.relative_to(root).as_posix())}" for i, p in thumbs.items()}
-    return None
-
-
-def _inline_image_urls(thumbs: dict[str, Path]) -> dict[str, str]:
-    return {i: "data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode() for i, p in thumbs.items()}
+def _score(value: Any) -> float | None:
+    return None if value is None else round(float(value), SCORE_DECIMALS)
 
 
 def task_for(row: dict[str, Any], image_url: str) -> dict[str, Any]:
-    """One Label Studio task (data + the pre-filling prediction) for a SURD row."""
+    """One Label Studio task for a SURD row: what the page shows, and what the data manager sorts and filters by."""
     narrative = row.get("narrative_prompt") or ""
     others = [c for c in (row.get("narrative_candidates") or []) if c and c != narrative]
-    task: dict[str, Any] = {
-        "data": {
-            "sample_id": row["id"],
-            "image": image_url,
-            "narrative_prompt": narrative,
-            "keyword_prompt": row.get("keyword_prompt") or "",
-            "other_candidates": ("Other candidates:\n" + "\n".join(f"- {c}" for c in others)) if others else "",
-        }
+    data: dict[str, Any] = {
+        "sample_id": row["id"],
+        "image": image_url,
+        "narrative_prompt": narrative,  # also pre-fills the corrected-narrative box (interface.xml)
+        "keyword_prompt": row.get("keyword_prompt") or "",
+        "other_candidates": ("Other candidates:\n" + "\n".join(f"- {c}" for c in others)) if others else "",
+        "source": row.get("source"),
     }
-    if narrative:
-        task["predictions"] = [
-            {
-                "model_version": MODEL_VERSION,
-                "result": [{"from_name": "corrected_narrative", "to_name": "image", "type": "textarea",
-                            "value": {"text": [narrative]}}],  # fmt: skip
-            }
-        ]
-    return task
+    for column in SCORE_COLUMNS:
+        data[column] = _score(row.get(column))
+    return {"data": data}
 
 
 def push(
@@ -200,35 +166,42 @@ def push(
     seed: int = 0,
     images: ImageMode = "auto",
 ) -> PushResult:
-    """Select samples of the run's dataset and import the ones not yet in the project as tasks."""
-    if images not in ("auto", "local", "inline"):
-        raise SurdError(f"--images {images!r}: expected auto, local or inline")
+    """Select samples of the run's dataset and import the ones not yet in the project as tasks.
+
+    A push that fails after creating the project deletes it again, so a retry starts clean.
+    """
+    if images not in MODES:
+        raise SurdError(f"--images {images!r}: expected {', '.join(MODES)}")
     ids = selection.select_ids(run_dir, limit=limit, where=where, stratify_by=stratify_by, seed=seed)
     project_id, created = session.ensure_project(project)
-    existing = {t.data.get("sample_id") for t in session.tasks(project_id, with_annotations=False)}
-    new_ids = [i for i in ids if i not in existing]
-    mode = "inline" if images == "inline" else "local"
-    if new_ids:
+    try:
+        existing = {t.data.get("sample_id") for t in session.tasks(project_id, with_annotations=False)}
+        new_ids = [i for i in ids if i not in existing]
+        if not new_ids:
+            return PushResult(project_id, created, len(ids), 0, len(ids), "none", "no new samples to import")
         order = {sample_id: n for n, sample_id in enumerate(new_ids)}
         table = selection.read_parquet_folder(selection.dataset_folder(run_dir), ids=set(new_ids))
         rows = sorted(table.to_pylist(), key=lambda r: order[r["id"]])
-        thumbs = selection.write_thumbnails(run_dir, rows)
-        urls = None
-        if images == "local" or (images == "auto" and _is_loopback(session.url)):
-            urls = _local_image_urls(session, project_id, thumbs)
-            if urls is None and images == "local":
-                raise LabelStudioError(
-                    f"--images local: Label Studio at {session.url} cannot serve {run_dir}/review/thumbs "
-                    "(enable LOCAL_FILES_SERVING_ENABLED with a LOCAL_FILES_DOCUMENT_ROOT above the run folder, "
-                    "or use --images inline)"
-                )
-        if urls is None:
-            mode, urls = "inline", _inline_image_urls(thumbs)
-        tasks = [task_for(row, urls[row["id"]]) for row in rows]
-        with api_errors(session.url):
+        shown = image_urls(session, project_id, selection.write_thumbnails(run_dir, rows), images)
+        tasks = [task_for(row, shown.urls[row["id"]]) for row in rows]
+        with session.errors():
             for start in range(0, len(tasks), IMPORT_BATCH):
                 session.client.projects.import_tasks(project_id, request=tasks[start : start + IMPORT_BATCH])
-    return PushResult(project_id, created, len(ids), len(new_ids), len(ids) - len(new_ids), mode)
+    except BaseException as e:
+        if created:
+            _remove_failed_project(session, project_id, project, e)
+        raise
+    return PushResult(project_id, created, len(ids), len(new_ids), len(ids) - len(new_ids), shown.mode, shown.reason)
+
+
+def _remove_failed_project(session: Session, project_id: int, title: str, error: BaseException) -> None:
+    """Delete the project a failed push created; the message says so (the original error still wins)."""
+    try:
+        session.delete_project(project_id)
+    except SurdError:
+        return
+    if isinstance(error, SurdError) and error.args:
+        error.args = (f"{error.args[0]}; removed the project {title!r} that this push had created",)
 
 
 def _parse_time(value: Any) -> dt.datetime:
@@ -237,12 +210,20 @@ def _parse_time(value: Any) -> dt.datetime:
     return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(dt.timezone.utc)
 
 
-def collect_votes(session: Session, project_id: int) -> tuple[list[reviews.Vote], int, int]:
-    """(each annotator's latest vote per sample, number of tasks, number of annotated tasks)."""
+@dataclass
+class Collected:
+    votes: list[reviews.Vote]  # each annotator's latest vote per sample
+    tasks: int
+    annotated: int  # tasks with at least one submitted (not skipped) annotation
+    undecided: int  # annotations with neither a decision nor a changed narrative: they count for nothing
+
+
+def collect_votes(session: Session, project_id: int) -> Collected:
+    """Read every annotation of the project as a vote."""
     names = session.annotator_names()
     tasks = session.tasks(project_id, with_annotations=True)
     votes: list[tuple[int, reviews.Vote]] = []
-    annotated = 0
+    annotated = undecided = 0
     for task in tasks:
         data = task.data or {}
         sample_id = data.get("sample_id")
@@ -258,15 +239,16 @@ def collect_votes(session: Session, project_id: int) -> tuple[list[reviews.Vote]
                 sample_id, names.get(who, str(who)), _parse_time(annotation.get("updated_at")),
                 annotation.get("result") or [], data.get("narrative_prompt"),
             )  # fmt: skip
-            if vote is not None:
+            if vote is None:
+                undecided += 1
+            else:
                 votes.append((int(annotation.get("id") or 0), vote))
-    return reviews.latest_votes(votes), len(tasks), annotated
+    return Collected(reviews.latest_votes(votes), len(tasks), annotated, undecided)
 
 
 def pull(session: Session, run_dir: Path, project: str) -> tuple[Path, pa.Table]:
     """Export the project's annotations into `<run>/reviews.parquet`."""
-    votes, _, _ = collect_votes(session, session.project_id(project))
-    table = reviews.resolve(votes)
+    table = reviews.resolve(collect_votes(session, session.project_id(project)).votes)
     path = layout.reviews_path(run_dir)
     reviews.write_reviews(path, table)
     return path, table
@@ -275,6 +257,6 @@ def pull(session: Session, run_dir: Path, project: str) -> tuple[Path, pa.Table]
 def status(session: Session, project: str) -> dict[str, Any]:
     """Tasks, annotated tasks, decisions and agreement, straight from the server."""
     project_id = session.project_id(project)
-    votes, n_tasks, annotated = collect_votes(session, project_id)
-    return {"project": project, "project_id": project_id, "tasks": n_tasks, "annotated": annotated,
-            **reviews.summary(reviews.resolve(votes))}  # fmt: skip
+    got = collect_votes(session, project_id)
+    return {"project": project, "project_id": project_id, "tasks": got.tasks, "annotated": got.annotated,
+            "undecided": got.undecided, **reviews.summary(reviews.resolve(got.votes))}  # fmt: skip

@@ -26,9 +26,11 @@ from surd.sources.base import SourceConfig
 STAGE = "collect"
 
 
-def _fingerprint(config: SourceConfig) -> dict[str, Any]:
+def _fingerprint(config: SourceConfig, run_dir: Path) -> dict[str, Any]:
     # Options that change what rows a source yields; run options (limits, pacing) may change on resume.
-    return {"source": config.type, "settings": config.model_dump(mode="json", exclude=set(config.RUN_OPTIONS))}
+    # A source inside the run (the demo's images) is recorded as `${out}/...`: a copied run resumes elsewhere.
+    settings = config.model_dump(mode="json", exclude=set(config.RUN_OPTIONS))
+    return {"source": config.type, "settings": layout.portable(settings, run_dir)}
 
 
 def _commit(stage_dir: Path, rel: str, items: list[Any], source: str, seconds: float) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def collect(run_dir: Path, config: SourceConfig, *, workers: int = 1, progress: 
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(stage_dir)
     (stage_dir / shards.MANIFEST).unlink(missing_ok=True)
-    check_fingerprint(folder, _fingerprint(config), SourceError, lambda _: (
+    check_fingerprint(folder, _fingerprint(config, run_dir), SourceError, lambda _: (
         f"{folder} was collected with other source options; use another --out or --name, or delete it"))
     source = config.build()
     if hasattr(source, "list_partitions"):

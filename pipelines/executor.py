@@ -17,8 +17,9 @@ import json
 import multiprocessing
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,10 @@ class Stage:
     def plan_columns(self) -> tuple[str, ...]:
         return tuple(getattr(self.processor, "plan_columns", ()))
 
-    def plan(self, index: Any) -> None:
+    def plan(self, index: Any, rows: int = 0, on_rows: Callable[[int], None] | None = None) -> None:
         """Whole-input decisions, made once in the parent before any batch (e.g. de-duplication)."""
-        self.processor.plan(index)
+        with _reporting(self.processor, rows, on_rows):
+            self.processor.plan(index)
 
     def setup(self) -> None:
         """Load models once per worker; idempotent."""
@@ -86,14 +88,43 @@ class Stage:
     def counters(self) -> dict[str, int]:
         return dict(getattr(self.processor, "counters", {}) or {})
 
-    def __call__(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+    def __call__(self, batch: pa.Table, on_rows: Callable[[int], None] | None = None) -> tuple[pa.Table, pa.Table]:
+        """Run the processor over one batch; `on_rows(n)` hears of finished rows (all of them by the end)."""
         self.setup()
         rows = batch.to_pylist()
-        results = self.processor.process_batch(rows)
+        with _reporting(self.processor, len(rows), on_rows) as reported:
+            results = self.processor.process_batch(rows)
         if len(results) != len(rows):
             raise RuntimeError(f"stage {self.name}: processor returned {len(results)} results for {len(rows)} rows")
+        if on_rows is not None and len(rows) > reported[0]:
+            on_rows(len(rows) - reported[0])
         kept, dropped = drop_records(results, self.name, inputs=rows)
         return from_rows(kept, SCHEMA), from_rows(dropped, DROPPED_SCHEMA)
+
+
+@contextmanager
+def _reporting(processor: Any, rows: int, on_rows: Callable[[int], None] | None) -> Iterator[list[int]]:
+    """Lend a processor that declares `on_rows` (surd.rows) a callback for rows finished inside a long batch.
+
+    Yields [rows reported]; reports are capped at the batch's rows, and the callback is taken back afterwards
+    (a processor is pickled to workers between batches).
+    """
+    reported = [0]
+    if on_rows is None or not hasattr(processor, "on_rows"):
+        yield reported
+        return
+
+    def report(n: int) -> None:
+        n = min(n, rows - reported[0])
+        if n > 0:
+            reported[0] += n
+            on_rows(n)
+
+    processor.on_rows = report
+    try:
+        yield reported
+    finally:
+        processor.on_rows = None
 
 
 def commit(out: Path, rel: str, kept: pa.Table, dropped: pa.Table, rows_in: int, seconds: float,
@@ -153,43 +184,57 @@ class Job:
 
 
 _WORKER_JOB: Job | None = None
+_WORKER_ROWS: Any = None  # a shared counter of rows finished, read by the parent's progress bar
 
 
-def _init_worker(job: Job) -> None:
-    global _WORKER_JOB
-    _WORKER_JOB = job
+def _init_worker(job: Job, rows: Any) -> None:
+    global _WORKER_JOB, _WORKER_ROWS
+    _WORKER_JOB, _WORKER_ROWS = job, rows
     job.setup()
+
+
+def _count_rows(n: int) -> None:
+    with _WORKER_ROWS.get_lock():
+        _WORKER_ROWS.value += n
 
 
 def _run_in_worker(rel: str) -> dict[str, Any]:
     assert _WORKER_JOB is not None
-    return _WORKER_JOB.run(rel)
+    return _WORKER_JOB.run(rel, on_rows=_count_rows)
 
 
 def run_job(job: Job, workers: int = 1, progress: bool = True, unit: str = "rows") -> None:
-    """Run every shard of `job` still to do: in this process, or in `workers` spawned worker processes."""
+    """Run every shard of `job` still to do: in this process, or in `workers` spawned worker processes.
+
+    With `unit="rows"` the bar moves as rows finish (`job.run` reports them through `on_rows`, from worker
+    processes through a shared counter); with another unit it moves by `job.size(rel)` per finished shard.
+    """
     if not job.todo:
         return
+    rows = unit == "rows"
     with progress_bar(job.label, job.total(), enabled=progress, unit=unit) as bar:
         if workers <= 1 or len(job.todo) <= 1:
             job.setup()
             for rel in job.todo:
-                if unit == "rows":
-                    job.run(rel, on_rows=bar.advance)
-                else:
-                    job.run(rel)
+                job.run(rel, on_rows=bar.advance if rows else None)
+                if not rows:
                     bar.advance(job.size(rel))
             return
         # spawn, not fork: model stages hold torch/onnx thread pools that do not survive a fork.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(job,)) as pool:
+        finished = context.Value("q", 0)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(job, finished)) as pool:
             pending = {pool.submit(_run_in_worker, rel): rel for rel in job.todo}
             while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                 for future in done:
                     rel = pending.pop(future)
-                    stats = future.result()
-                    bar.advance(stats["in"] if unit == "rows" else job.size(rel))
+                    future.result()
+                    if not rows:
+                        bar.advance(job.size(rel))
+                if rows:
+                    bar.advance(finished.value - bar.done)
 
 
 @dataclass
@@ -231,12 +276,10 @@ def process_shard(stage: Stage, src: Path, out: Path, rel: str, on_rows: Any = N
     dropped_parts: list[pa.Table] = []
     n_in = 0
     for batch in pq.ParquetFile(shards.shard_path(src, rel)).iter_batches(batch_size=stage.batch_size):
-        kept, dropped = stage(pa.Table.from_batches([batch]))
+        kept, dropped = stage(pa.Table.from_batches([batch]), on_rows)
         kept_parts.append(kept)
         dropped_parts.append(dropped)
         n_in += batch.num_rows
-        if on_rows is not None:
-            on_rows(batch.num_rows)
     kept = pa.concat_tables(kept_parts) if kept_parts else SCHEMA.empty_table()
     dropped = pa.concat_tables(dropped_parts) if dropped_parts else DROPPED_SCHEMA.empty_table()
     after = stage.counters()
@@ -247,10 +290,12 @@ def process_shard(stage: Stage, src: Path, out: Path, rel: str, on_rows: Any = N
     return commit(out, rel, kept, dropped, n_in, time.perf_counter() - start, counters)
 
 
-def open_stage(run_dir: Path, name: str, config: Any, processor: Any = None, fresh: bool = False) -> StageJob:
+def open_stage(run_dir: Path, name: str, config: Any, processor: Any = None, fresh: bool = False,
+               progress: bool = False) -> StageJob:
     """Check the input, clean up after a killed run, build the processor and plan; shared by every executor.
 
-    `processor` replaces `config.build()` (export's review applier); `fresh` discards earlier output first.
+    `processor` replaces `config.build()` (export's review applier); `fresh` discards earlier output first;
+    `progress` shows a bar while a plan that reports rows (score's whole-run percentile) runs.
     """
     run_dir = Path(run_dir)
     source = input_stage(run_dir, name)
@@ -267,9 +312,13 @@ def open_stage(run_dir: Path, name: str, config: Any, processor: Any = None, fre
     if stage.plan_columns:
         columns = list(stage.plan_columns)
         if getattr(stage.processor, "plan_streaming", False):  # plans over all images: don't hold them at once
-            stage.plan(shards.read_stage(src, columns=columns))
+            index: Any = shards.read_stage(src, columns=columns)
         else:
-            stage.plan(shards.read_stage_table(src, columns=columns))
+            index = shards.read_stage_table(src, columns=columns)
+        total = sum(pq.read_metadata(shards.shard_path(src, rel)).num_rows for rel in names)
+        with progress_bar(f"{name}: plan over {source}", total,
+                          enabled=progress and hasattr(stage.processor, "on_rows")) as bar:
+            stage.plan(index, total, bar.advance)
     todo = [rel for rel in names if not shards.is_done(out, rel)]
     if todo:
         (out / shards.MANIFEST).unlink(missing_ok=True)

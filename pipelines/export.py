@@ -133,7 +133,7 @@ def _finish(run_dir: Path, config: ExportConfig, recipe_name: str, source: str) 
         files = {split: writer.finalise() for split, writer in writers.items()}
         counts = {split: writer.rows for split, writer in writers.items()}
         (work / "README.md").write_text(dataset_card(run_dir, files, counts, recipe_name=recipe_name,
-                                                     input_stage=source))
+                                                     input_stage=source, data_dir=work / "data"))
     shards.write_manifest(stage_dir, STAGE, extra={"input_stage": source, "files": files, "splits": counts})
 
 

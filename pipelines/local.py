@@ -17,6 +17,6 @@ def run_stage(
     run_dir: Path, name: str, config: Any, *, workers: int = 1, progress: bool = True
 ) -> dict[str, Any]:
     """Run one processing stage over the previous stage's shards; returns the stage's total stats."""
-    job = open_stage(run_dir, name, config)
+    job = open_stage(run_dir, name, config, progress=progress)
     run_job(job, workers=workers, progress=progress)
     return job.close()

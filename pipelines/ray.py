@@ -128,7 +128,7 @@ def run_stage_ray(
     run_dir: Path, name: str, config: Any, *, progress: bool = True, max_actors: int | None = None
 ) -> dict[str, Any]:
     """Run one processing stage over the previous stage's shards on Ray; returns the stage's total stats."""
-    job = open_stage(run_dir, name, config)
+    job = open_stage(run_dir, name, config, progress=progress)
     if job.todo:
         done = _map_shards(job, config, max_actors)
         with progress_bar(f"{job.label}, ray", job.total(), enabled=progress) as bar:

@@ -79,6 +79,10 @@ def load_recipe(path: Path, out: Path, model: type[Recipe] = Recipe) -> Recipe:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe is a folder, not a YAML file: {path}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (a recipe is YAML)") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

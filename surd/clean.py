@@ -9,6 +9,8 @@ Prompt cleaning turns AUTOMATIC1111 / ComfyUI prompt syntax into plain keyword t
 - extra networks `<lora:name:0.7>`, `<hypernet:...>`, `<lyco:...>` (any `<word:...>`) and ComfyUI
   `embedding:name` are removed, `BREAK` becomes a comma, configured embedding names are removed;
 - newlines become commas, duplicate commas and whitespace collapse, leading/trailing separators go.
+
+A raw prompt over `max_raw_chars` (default `MAX_RAW_CHARS`) is dropped as `prompt_too_long` before parsing.
 """
 
 from __future__ import annotations
@@ -43,23 +45,40 @@ DEFAULT_EMBEDDINGS = [
 _EXTRA_NETWORK = re.compile(r"<\s*\w+\s*:[^<>]*>")
 _COMFY_EMBEDDING = re.compile(r"\bembedding:[\w.\-]+", re.IGNORECASE)
 _BREAK = re.compile(r"\bBREAK\b")
-_NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*")
+_SPECIAL = re.compile(r"[\\()\[\]:|]")  # the characters the attention parser acts on; text between them is copied
+_SEPARATOR_RUN = re.compile(r"[\s,]+")
 _ESCAPABLE = "()[]\\"
 _CLOSER = {"(": ")", "[": "]"}
 
+# Raw prompts longer than this are dropped (prompt_too_long) before parsing. Parsing is linear in the text times
+# its bracket depth (each group's text is copied once per enclosing group), so the bound keeps a crafted prompt
+# under a fifth of a second; real prompts, extra networks and weights included, stay far below it.
+MAX_RAW_CHARS = 20_000
 
-def _join(chunks: list[str], seps: list[str]) -> str:
-    out = chunks[0]
+
+def _is_weight(text: str) -> bool:
+    """An attention weight (`1.2`, ` -.5 `): what the regex `\\s*[+-]?(\\d+\\.?\\d*|\\.\\d+)\\s*` matches, without its
+    quadratic backtracking on a long run of digits."""
+    s = text.strip()
+    s = s[1:] if s[:1] in ("+", "-") else s
+    head, dot, tail = s.partition(".")
+    if not dot:
+        return head.isdecimal()
+    return bool(head or tail) and (not head or head.isdecimal()) and (not tail or tail.isdecimal())
+
+
+def _interleave(chunks: list[str], seps: list[str]) -> str:
+    parts = [chunks[0]]
     for sep, chunk in zip(seps, chunks[1:], strict=True):
-        out += sep + chunk
-    return out
+        parts += (sep, chunk)
+    return "".join(parts)
 
 
 def _resolve(opener: str | None, chunks: list[str], seps: list[str]) -> str:
     """The plain text of one bracket group, given its parts split at top-level ':' and '|'."""
-    numeric_tail = len(chunks) >= 2 and seps[-1] == ":" and _NUMBER.fullmatch(chunks[-1]) is not None
+    numeric_tail = len(chunks) >= 2 and seps[-1] == ":" and _is_weight(chunks[-1])
     if opener == "(":
-        return _join(chunks[:-1], seps[:-1]) if numeric_tail else _join(chunks, seps)
+        return _interleave(chunks[:-1], seps[:-1]) if numeric_tail else _interleave(chunks, seps)
     if opener == "[":
         if "|" in seps:
             return chunks[0]  # alternation: keep the first alternative
@@ -67,46 +86,70 @@ def _resolve(opener: str | None, chunks: list[str], seps: list[str]) -> str:
             return chunks[1]  # [from:to:when] -> to
         if numeric_tail and len(chunks) == 2:
             return chunks[0]  # [to:when] -> to
-    return _join(chunks, seps)
+    return _interleave(chunks, seps)
 
 
-def _parse(text: str, i: int, opener: str | None) -> tuple[str, int]:
-    """Parse from `i` until the closer of `opener` (or the end); returns (plain text, next index)."""
-    closer = _CLOSER.get(opener or "")
-    chunks, seps = [""], []
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\" and i + 1 < n and text[i + 1] in _ESCAPABLE:
-            chunks[-1] += text[i + 1]
-            i += 2
-        elif c in _CLOSER:
-            inner, i = _parse(text, i + 1, c)
-            chunks[-1] += inner
-        elif c == closer:
-            return _resolve(opener, chunks, seps), i + 1
-        elif c in ")]":
-            i += 1  # a stray closer: A1111 ignores it, so do we
-        elif opener is not None and c in ":|":
-            seps.append(c)
-            chunks.append("")
-            i += 1
-        else:
-            chunks[-1] += c
-            i += 1
-    return _resolve(opener, chunks, seps), n  # an unclosed group ends with the text
+class _Group:
+    """One open bracket group while parsing: its opener and its parts so far (lists of pieces, joined once)."""
+
+    __slots__ = ("opener", "chunks", "seps")
+
+    def __init__(self, opener: str | None) -> None:
+        self.opener = opener
+        self.chunks: list[list[str]] = [[]]
+        self.seps: list[str] = []
+
+    def text(self) -> str:
+        return _resolve(self.opener, ["".join(chunk) for chunk in self.chunks], self.seps)
 
 
 def strip_attention(text: str) -> str:
-    """Remove A1111 attention / prompt-editing / alternation syntax (see module doc)."""
-    return _parse(text, 0, None)[0]
+    """Remove A1111 attention / prompt-editing / alternation syntax (see module doc).
+
+    Iterative (an explicit stack of open groups, so any depth parses) and linear in the text times its depth."""
+    stack = [_Group(None)]
+    i, n = 0, len(text)
+    while i < n:
+        found = _SPECIAL.search(text, i)
+        j = found.start() if found else n
+        top = stack[-1]
+        if j > i:
+            top.chunks[-1].append(text[i:j])
+        if found is None:
+            break
+        c, i = text[j], j + 1
+        if c == "\\":
+            if i < n and text[i] in _ESCAPABLE:
+                top.chunks[-1].append(text[i])
+                i += 1
+            else:
+                top.chunks[-1].append(c)
+        elif c in _CLOSER:
+            stack.append(_Group(c))
+        elif top.opener is not None and c == _CLOSER[top.opener]:
+            stack.pop()
+            stack[-1].chunks[-1].append(top.text())
+        elif c in ")]":
+            pass  # a stray closer: A1111 ignores it, so do we
+        elif top.opener is not None:  # ':' or '|' inside a group separates its parts
+            top.seps.append(c)
+            top.chunks.append([])
+        else:
+            top.chunks[-1].append(c)
+    while len(stack) > 1:  # an unclosed group ends with the text
+        group = stack.pop()
+        stack[-1].chunks[-1].append(group.text())
+    return stack[0].text()
 
 
 def tidy_separators(text: str) -> str:
-    text = re.sub(r"\s*[\r\n]+\s*", ", ", text)
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s*,[\s,]*", ", ", text)
-    return text.strip(" ,;|")
+    """Newlines become commas, runs of whitespace and commas collapse to `, ` or ` `; separators at the ends go."""
+
+    def collapse(run: re.Match[str]) -> str:
+        s = run.group()
+        return ", " if ("," in s or "\n" in s or "\r" in s) else " "
+
+    return _SEPARATOR_RUN.sub(collapse, text).strip(" ,;|")
 
 
 def embeddings_pattern(names: list[str]) -> re.Pattern[str] | None:
@@ -134,6 +177,8 @@ class CleanConfig(StageConfig):
 
     min_chars: int = Field(10, ge=0, description="drop cleaned prompts shorter than this (prompt_too_short)")
     max_chars: int = Field(1000, ge=1, description="drop cleaned prompts longer than this (prompt_too_long)")
+    max_raw_chars: int = Field(MAX_RAW_CHARS, ge=1, description="drop raw (or negative) prompts longer than this "
+                               "before parsing them (prompt_too_long)")
     min_words: int | None = Field(None, ge=0, description="optional word minimum (prompt_too_short)")
     max_words: int | None = Field(None, ge=1, description="optional word maximum (prompt_too_long)")
     min_side: int = Field(64, ge=1, description="drop images whose shorter side is below this (image_too_small)")
@@ -167,6 +212,10 @@ class Cleaner(RowProcessor):
         if raw is None:
             raw = row.get("keyword_prompt")
             out["keyword_prompt_raw"] = raw
+        for label, text in (("raw prompt", raw), ("negative prompt", row.get("negative_prompt"))):
+            if text and len(text) > self.config.max_raw_chars:
+                return Drop("prompt_too_long", f"{label} {len(text)} chars > max_raw_chars {self.config.max_raw_chars}",
+                            row=out)
         prompt = clean_prompt(raw, self.embeddings)
         out["keyword_prompt"] = prompt
         out["negative_prompt"] = clean_prompt(row.get("negative_prompt"), self.embeddings) or None

@@ -18,6 +18,7 @@ import socket
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -129,6 +130,8 @@ class CheckedResolver(AbstractResolver):
 class Fetcher:
     """The fetch processor (see module doc). Holds only plain data until a batch runs."""
 
+    on_rows: Callable[[int], None] | None = None  # lent by the executor while a batch runs: one call per download
+
     def __init__(self, config: FetchConfig) -> None:
         self.config = config
         self.policy = RetryPolicy(
@@ -201,7 +204,15 @@ class Fetcher:
     async def _fetch_all(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         session = self._session()
         gate = asyncio.Semaphore(self.config.concurrency)
-        return list(await asyncio.gather(*(self._fetch_row(session, gate, row) for row in rows)))
+        report = self.on_rows
+
+        async def fetch(row: dict[str, Any]) -> dict[str, Any] | Drop:
+            result = await self._fetch_row(session, gate, row)
+            if report is not None:
+                report(1)
+            return result
+
+        return list(await asyncio.gather(*(fetch(row) for row in rows)))
 
     async def _fetch_row(
         self, session: aiohttp.ClientSession, gate: asyncio.Semaphore, row: dict[str, Any]

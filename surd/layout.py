@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 # The data-flow order. `collect` writes one sub-folder per source; `export` writes RUN/surd.
 STAGES: tuple[str, ...] = ("collect", "fetch", "clean", "dedup", "nsfw", "pair", "score", "export")
@@ -25,6 +27,7 @@ ADAPTER = "adapter"
 CACHE = "cache"
 FINGERPRINT = "_fingerprint.json"
 REPORT = "report.html"
+RUN_VAR = "${out}"  # how recipes, and everything a run folder stores, spell the run folder itself
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
@@ -77,3 +80,22 @@ def report_path(run_dir: Path) -> Path:
 def stages_present(run_dir: Path) -> list[str]:
     """The stages of STAGES that have written statistics in this run folder, in data-flow order."""
     return [s for s in STAGES if (stage_dir(run_dir, s) / "_stats").is_dir()]
+
+
+def portable(value: Any, run_dir: Path) -> Any:
+    """`value` (strings, lists, dicts) with paths inside the run folder spelled `${out}/...`, as a recipe spells them.
+
+    What a run folder stores about itself (fingerprints of settings) must not name where it lies today, or a copy
+    of the run could not be resumed elsewhere. Paths outside the run stay as they are.
+    """
+    if isinstance(value, dict):
+        return {k: portable(v, run_dir) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, run_dir) for v in value]
+    if not isinstance(value, str):
+        return value
+    run = Path(run_dir)
+    for prefix in dict.fromkeys((str(run), os.path.abspath(run), str(run.resolve()))):
+        if value == prefix or value.startswith(prefix.rstrip(os.sep) + os.sep):
+            return RUN_VAR + value[len(prefix.rstrip(os.sep)):]
+    return value

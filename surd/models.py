@@ -64,10 +64,22 @@ def resolve_device(device: str | None = "auto") -> str:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """`auto`: fp16 on a CUDA device, fp32 elsewhere; anything else as given."""
+    """`auto`: bf16 on a CUDA device that supports it (fp16's range overflows in big UNets), fp16 on an older
+    CUDA device, fp32 elsewhere; anything else as given."""
     if precision == "auto":
-        return "fp16" if device.startswith("cuda") else "fp32"
+        if not str(device).startswith("cuda"):
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
+
+
+def precision_dtype(precision: str) -> Any:
+    """The torch dtype of a precision name (`fp16`, `bf16`; anything else, e.g. accelerate's `no`: fp32)."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def clip_label(model: str, pretrained: str | None) -> str:

@@ -7,7 +7,10 @@ Strategies:
   so the narrative is grounded in what the image shows.
 
 Every output is cleaned and validated (`check_narrative`); a row short of valid candidates is asked
-again with a new seed up to `max_retries` times, then dropped (`narrative_invalid`). Generations are
+again with a new seed up to `max_retries` times, then dropped (`narrative_invalid`). A candidate that copies
+one of the template's few-shot answers is rejected (`copies_example`, see `copied_example`). Every rejected
+output is handed to the executor with its reason (side table `rejected`, `pair/_side/rejected/`), for the run
+report. The stage reports rows to the progress bar as they finish, attempt by attempt. Generations are
 cached (SQLite, `cache_path`) by model, template, input, sampling and attempt, so a rerun or a resumed
 shard re-generates nothing that already finished. The score stage later picks the best candidate.
 """
@@ -17,8 +20,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from difflib import SequenceMatcher
 from typing import Any, Literal
 
+import pyarrow as pa
 from pydantic import Field, model_validator
 
 from surd.llm import LLMError, RequestCache, Sampling, TransformersLLM, cache_key, load_template
@@ -34,6 +40,17 @@ DEFAULT_BANNED = [
 _LABEL = re.compile(r"^\s*(?:narrative|sentence|prompt|answer|output|rewritten prompt|description)\s*:\s*", re.I)
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s+(?=[A-Z0-9\"'(])")
 _WORD = re.compile(r"[a-z0-9]+")
+# Words that carry no content: a candidate sharing only these with a few-shot answer has not copied it.
+_FUNCTION_WORDS = frozenset(
+    "a an the and or of in on at to by for from with into onto down up over under near its his her their is are "
+    "was were be being while as".split()
+)
+NEAR_COPY = 0.8  # content-word containment (see `copied_example`) at or above which a candidate copies an answer
+GROUNDED = 0.5  # share of the copied words the row's own prompt holds, at or above which the copy is earned
+REJECTED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("keyword_prompt", pa.string()), ("kind", pa.string()), ("attempt", pa.int32()),
+    ("output", pa.string()), ("reason", pa.string()),
+])
 
 
 class PairConfig(StageConfig):
@@ -88,8 +105,51 @@ def clean_output(text: str) -> str:
     return line
 
 
-def check_narrative(text: str, keyword_prompt: str | None, config: PairConfig) -> str | None:
-    """Why `text` is not a usable narrative prompt (a short reason), or None if it is."""
+def _stem(word: str) -> str:
+    for suffix in ("ing", "ed", "es", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def content_words(text: str) -> list[str]:
+    """The words of `text` that carry content, lower-cased and crudely stemmed (rides, riding -> rid)."""
+    return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _FUNCTION_WORDS]
+
+
+def containment(text: str, answer: str) -> tuple[float, set[str]]:
+    """How much of the shorter text the other one repeats, in order: content words matched by difflib over the
+    shorter one's content words (1.0: one is a copy of the other, or of a part of it); and the shared words."""
+    a, b = content_words(text), content_words(answer)
+    if not a or not b:
+        return 0.0, set()
+    blocks = SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
+    shared = {w for block in blocks for w in a[block.a : block.a + block.size]}
+    return sum(block.size for block in blocks) / min(len(a), len(b)), shared
+
+
+def copied_example(text: str, answers: Iterable[str], grounding: str | None) -> str | None:
+    """The few-shot answer `text` nearly copies, or None.
+
+    Nearly copies: `containment` >= NEAR_COPY (the candidate repeats at least 80% of the shorter text's content
+    words in the same order, e.g. the answer with a word dropped or a clause added), unless the row's own
+    prompt (`grounding`) holds at least GROUNDED of the shared words: an example's answer is a fine answer to a
+    prompt that asks for the same picture.
+    """
+    own = set(content_words(grounding or ""))
+    for answer in answers:
+        score, shared = containment(text, answer)
+        if score >= NEAR_COPY and len(shared & own) < GROUNDED * len(shared):
+            return answer
+    return None
+
+
+def check_narrative(text: str, keyword_prompt: str | None, config: PairConfig, examples: Sequence[str] = (),
+                    grounding: str | None = None) -> str | None:
+    """Why `text` is not a usable narrative prompt (a short reason), or None if it is.
+
+    `examples`: the template's few-shot answers; `grounding`: the row's own inputs (default: the keyword prompt).
+    """
     if not text:
         return "empty"
     if any(ord(c) < 32 or 0xFFFD == ord(c) for c in text):
@@ -111,11 +171,15 @@ def check_narrative(text: str, keyword_prompt: str | None, config: PairConfig) -
         kw = _WORD.findall(keyword_prompt.lower())
         if words == kw or (kw and len(set(words) & set(kw)) / len(set(words) | set(kw)) >= 0.85):
             return "copies_keyword_prompt"
+    if examples and copied_example(text, examples, grounding if grounding is not None else keyword_prompt):
+        return "copies_example"
     return None
 
 
 class Pairer:
     """The pair stage's processor (see module doc). Models load in `setup()`."""
+
+    on_rows: Callable[[int], None] | None = None  # lent by the executor while a batch runs (surd.rows)
 
     def __init__(self, config: PairConfig) -> None:
         self.config = config
@@ -137,6 +201,9 @@ class Pairer:
                                        config.caption_max_new_tokens)
         self.cache = RequestCache(config.cache_path) if config.cache_path else None
         self.counters: Counter[str] = Counter()
+        self.answers = tuple(e["narrative"] for e in self.template.examples) if self.template else ()
+        self._rejected: list[dict[str, Any]] = []
+        self._finished: set[int] = set()
 
     @property
     def origin(self) -> str:
@@ -151,15 +218,31 @@ class Pairer:
             if part is not None:
                 part.setup()
 
+    def take_side_tables(self) -> dict[str, pa.Table]:
+        """Outputs rejected since the last call, each with its row id and reason (the executor writes them)."""
+        if not self._rejected:
+            return {}
+        rows, self._rejected = self._rejected, []
+        return {"rejected": pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)}
+
+    def _report(self, finished: Iterable[int]) -> None:
+        """Tell the progress bar about rows of this batch that need no more generation."""
+        new = set(finished) - self._finished
+        self._finished |= new
+        if new and self.on_rows is not None:
+            self.on_rows(len(new))
+
     def process_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         results: list[dict[str, Any] | Drop | None] = [None] * len(rows)
         todo: list[int] = []
+        self._finished = set()
         for i, row in enumerate(rows):
             problem = self._input_problem(row)
             if problem is None:
                 todo.append(i)
             else:
                 results[i] = Drop(*problem)
+        self._report(i for i, r in enumerate(results) if r is not None)
         captions: dict[int, list[str]] = {}
         if self.captioner is not None and todo:
             captions = self._captions(rows, todo, results)
@@ -232,7 +315,10 @@ class Pairer:
                     results[i] = Drop("caption_error", str(texts))
                     del valid[i]
                     continue
-                self._collect(texts, None if self.llm else rows[i].get("keyword_prompt"), valid[i], reasons[i], n)
+                keyword = None if self.llm else rows[i].get("keyword_prompt")
+                self._collect(rows[i], "caption", attempt, texts, keyword, valid[i], reasons[i], n)
+            if self.llm is None:
+                self._report(i for i in todo if i not in valid or len(valid[i]) >= n)
         return self._finish(valid, reasons, results, "caption_invalid")
 
     def _rewrites(self, rows: list[dict[str, Any]], todo: list[int], captions: dict[int, list[str]],
@@ -257,17 +343,23 @@ class Pairer:
                     results[i] = Drop("llm_error", str(texts))
                     del valid[i]
                     continue
-                self._collect(texts, rows[i].get("keyword_prompt"), valid[i], reasons[i], c.k)
+                grounding = " ".join(filter(None, (rows[i].get("keyword_prompt"), (captions.get(i) or [""])[0])))
+                self._collect(rows[i], "llm", attempt, texts, rows[i].get("keyword_prompt"), valid[i], reasons[i],
+                              c.k, grounding)
+            self._report(i for i in todo if i not in valid or len(valid[i]) >= c.k)
         return self._finish(valid, reasons, results, "narrative_invalid")
 
-    def _collect(self, texts: list[str], keyword_prompt: str | None, valid: list[str], reasons: Counter[str],
-                 n: int) -> None:
+    def _collect(self, row: dict[str, Any], kind: str, attempt: int, texts: list[str], keyword_prompt: str | None,
+                 valid: list[str], reasons: Counter[str], n: int, grounding: str | None = None) -> None:
+        answers = self.answers if kind == "llm" else ()
         for raw in texts:
             text = clean_output(raw)
-            problem = check_narrative(text, keyword_prompt, self.config)
+            problem = check_narrative(text, keyword_prompt, self.config, answers, grounding)
             if problem is not None:
                 reasons[problem] += 1
                 self.counters[f"invalid_{problem}"] += 1
+                self._rejected.append({"id": row.get("id"), "keyword_prompt": row.get("keyword_prompt"), "kind": kind,
+                                       "attempt": attempt, "output": raw, "reason": problem})
             elif text not in valid and len(valid) < n:
                 valid.append(text)
 

@@ -8,9 +8,12 @@ A *processor* holds a stage's row logic and nothing else (no I/O, no counting):
 - optional `plan_columns: tuple[str, ...]` and `plan(index: pyarrow.Table)`: for decisions that need
   the whole input (de-duplication). The executor reads only `plan_columns` of every input shard and
   calls `plan` once, in the parent, before any batch; `plan` must be deterministic in its input.
+- optional `on_rows = None` (declare it as a class attribute): for a batch (or plan) that takes long, the
+  executor lends the processor a callback there while it runs; `self.on_rows(n)` says n more rows of it are
+  finished, and the progress bar moves inside the batch. Rows not reported are counted when the batch ends.
 
 Rows are plain dicts keyed by SURD column names (`surd.schema`); `image` is `{"bytes", "path"}`.
-`pipelines.stage.Stage` wraps a processor into the executor's Table -> (kept, dropped) contract.
+`pipelines.executor.Stage` wraps a processor into the executor's Table -> (kept, dropped) contract.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -108,6 +108,7 @@ class Scorer:
     """The score stage's processor (see module doc)."""
 
     plan_streaming = True  # plan() also takes an iterator of RecordBatches: no need to hold every image at once
+    on_rows: Callable[[int], None] | None = None  # lent by the executor: rows whose image is embedded
 
     def __init__(self, config: ScoreConfig) -> None:
         self.config = config
@@ -189,6 +190,8 @@ class Scorer:
                 emb = self._model.encode_image(batch, normalize=True).float().cpu().numpy()
                 for (i, _), e in zip(ready, emb, strict=True):
                     out[i] = e
+            if self.on_rows is not None:  # the images are most of a row's work; its texts follow in bulk
+                self.on_rows(len(items))
         return out
 
     def _text_embeddings(self, texts: list[str]) -> list[Any]:

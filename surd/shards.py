@@ -60,8 +60,10 @@ def _atomic(path: Path) -> Iterator[str]:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write (a full disk) names no file: name the one being written
         raise
     _fsync_dir(path.parent)
 

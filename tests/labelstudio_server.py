@@ -1,15 +1,18 @@
 """A real Label Studio server for the review tests: started once per test session, on loopback only.
 
-Provides the session fixture `labelstudio` (url, token, username, password, files_root). The server
-runs from its own virtualenv (`scripts/install_labelstudio.sh`; it pins pyarrow<25), with its data
-dir, HOME and XDG dirs in a temp folder, analytics, Sentry and version checks off, a known admin and
-legacy API token made at first start. When the server is not installed (or cannot start) the tests
-that use it skip and say why. Import the fixture or list this module in `pytest_plugins`; either
+Provides the session fixture `labelstudio` (url, token, legacy_token, username, password, files_root).
+The server runs from its own virtualenv (`scripts/install_labelstudio.sh`; it pins pyarrow<25), with its
+data dir, HOME and XDG dirs in a temp folder, analytics, Sentry and version checks off, and a known admin.
+Like a fresh Label Studio 1.23, legacy API tokens are off: `token` is a personal access token the admin
+creates after logging in, as the account page does; `legacy_token` is the admin's legacy token, which this
+server refuses until legacy tokens are enabled for the organization. When the server is not installed the
+tests that use it skip and say why. Import the fixture or list this module in `pytest_plugins`; either
 way one server serves the whole session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -36,7 +39,8 @@ _LEAKY = {"HOST", "PORT", "USERNAME", "PASSWORD", "USER_TOKEN", "DEBUG", "LOG_LE
 @dataclass
 class LabelStudioServer:
     url: str
-    token: str
+    token: str  # a personal access token (JWT refresh token)
+    legacy_token: str  # refused while legacy tokens are off (the default)
     username: str
     password: str
     files_root: Path  # LOCAL_FILES_DOCUMENT_ROOT: put run folders here to use --images local
@@ -83,7 +87,6 @@ def _server_env(home: Path, files_root: Path, username: str, password: str, toke
         LABEL_STUDIO_USERNAME=username,
         LABEL_STUDIO_PASSWORD=password,
         LABEL_STUDIO_USER_TOKEN=token,
-        LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
         LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
         LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
         LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(files_root),
@@ -100,14 +103,13 @@ def _server_env(home: Path, files_root: Path, username: str, password: str, toke
 
 
 def _wait_ready(server: LabelStudioServer, deadline: float) -> None:
-    headers = {"Authorization": f"Token {server.token}"}
     last = ""
     while time.monotonic() < deadline:
         assert server.process is not None
         if server.process.poll() is not None:
             raise RuntimeError(f"label-studio exited with {server.process.returncode}; log: {server.log}")
         try:
-            r = httpx.get(f"{server.url}/api/current-user/whoami", headers=headers, timeout=5)
+            r = httpx.get(f"{server.url}/health", timeout=5)
             if r.status_code == 200:
                 return
             last = f"HTTP {r.status_code}"
@@ -117,25 +119,55 @@ def _wait_ready(server: LabelStudioServer, deadline: float) -> None:
     raise RuntimeError(f"label-studio did not answer within {START_TIMEOUT_S:.0f}s ({last}); log: {server.log}")
 
 
+def logged_in(url: str, email: str, password: str) -> httpx.Client:
+    """An HTTP client logged in through the login form, like a browser (session cookie + CSRF token)."""
+    client = httpx.Client(base_url=url, timeout=30)
+    client.get("/user/login/")
+    form = {"email": email, "password": password, "csrfmiddlewaretoken": client.cookies.get("csrftoken", "")}
+    r = client.post("/user/login/", data=form)
+    if r.status_code != 302 or "sessionid" not in client.cookies:
+        client.close()
+        raise RuntimeError(f"cannot log in to {url} as {email}: HTTP {r.status_code}")
+    client.headers.update({"X-CSRFToken": client.cookies.get("csrftoken", ""), "Referer": f"{url}/user/account"})
+    return client
+
+
+def create_personal_access_token(url: str, email: str, password: str) -> str:
+    """What *Account & Settings > Personal Access Token > Create* does: POST /api/token/ as the logged-in user."""
+    with contextlib.closing(logged_in(url, email, password)) as client:
+        r = client.post("/api/token/")
+        if r.status_code != 201:
+            raise RuntimeError(f"cannot create a personal access token on {url}: HTTP {r.status_code} {r.text[:200]}")
+        return r.json()["token"]
+
+
+def set_legacy_tokens(server: LabelStudioServer, enabled: bool) -> None:
+    """Turn legacy API tokens on or off for the organization (*Organization > Settings > Access Token Settings*)."""
+    with contextlib.closing(logged_in(server.url, server.username, server.password)) as client:
+        r = client.post("/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": enabled})
+        r.raise_for_status()
+
+
 def start_server(exe: Path, files_root: Path) -> LabelStudioServer:
-    """Start Label Studio on a free loopback port; returns once the API accepts the token."""
+    """Start Label Studio on a free loopback port (legacy tokens off); returns once it made a personal token."""
     home = Path(tempfile.mkdtemp(prefix="surd-labelstudio-"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = LabelStudioServer(
         url=url,
-        token=secrets.token_hex(20),
+        token="",
+        legacy_token=secrets.token_hex(20),
         username="reviewer@surd.test",
         password=secrets.token_urlsafe(16),
         files_root=files_root,
         home=home,
         log=home / "label-studio.log",
     )
-    env = _server_env(home, files_root, server.username, server.password, server.token)
+    env = _server_env(home, files_root, server.username, server.password, server.legacy_token)
     cmd = [
         str(exe), "start",
         "--internal-host", "127.0.0.1", "--port", str(port), "--host", url,
-        "--data-dir", str(home / "data"), "--no-browser", "--enable-legacy-api-token",
+        "--data-dir", str(home / "data"), "--no-browser",
     ]  # fmt: skip
     server._log_handle = open(server.log, "wb")  # noqa: SIM115 - closed in stop()
     server.process = subprocess.Popen(
@@ -144,10 +176,11 @@ def start_server(exe: Path, files_root: Path) -> LabelStudioServer:
     )  # fmt: skip
     try:
         _wait_ready(server, time.monotonic() + START_TIMEOUT_S)
-    except BaseException:
+        server.token = create_personal_access_token(url, server.username, server.password)
+    except BaseException as e:
         tail = server.log.read_text(errors="replace")[-3000:] if server.log.exists() else ""
         server.stop()
-        raise RuntimeError(f"Label Studio failed to start:\n{tail}") from None
+        raise RuntimeError(f"Label Studio failed to start ({type(e).__name__}: {e}):\n{tail}") from None
     return server
 
 
@@ -193,7 +226,8 @@ def make_review_run(
     """A run folder with `n` SURD rows (real JPEGs), as both the `score` stage and the exported `surd/data/`.
 
     Row i: id `<source>:<i:02d>`, a coloured picture with a disc, narrative `a plain colour square number i`,
-    `clip_narrative` = i / 100. Returns the rows.
+    `clip_narrative` = i / 100, `clip_keyword` = 0.3 + i / 100, `nsfw_score` = i / 200 (null when i % 5 == 4).
+    Returns the rows.
     """
     import io
 
@@ -227,6 +261,8 @@ def make_review_run(
                 "narrative_candidates": [narrative, f"an abstract picture {i}"] if i % 3 == 0 else None,
                 "narrative_origin": "llm:test@v1",
                 "clip_narrative": i / 100,
+                "clip_keyword": 0.3 + i / 100,
+                "nsfw_score": None if i % 5 == 4 else i / 200,
                 "split": "train",
             }
         )
@@ -237,3 +273,14 @@ def make_review_run(
     shards.write_manifest(stage, "score")
     shards.write_table(Path(run_dir) / "surd" / "data" / "train-00000-of-00001.parquet", table)
     return rows
+
+
+def run_surd(*args: str, key: str) -> subprocess.CompletedProcess:
+    """The real `surd` entry point in a child process (so error output is exactly what a user sees)."""
+    import sys
+
+    code = "import sys; from surd.cli import main; sys.argv = ['surd', *sys.argv[1:]]; main()"
+    env = {"LABEL_STUDIO_API_KEY": key, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)

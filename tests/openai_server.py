@@ -25,8 +25,11 @@ class FakeOpenAI:
         self.responder = responder
         self.api_key = api_key
         self.delay_s = delay_s
-        self.faults: list[str] = []  # consumed one per request: "429", "500", "malformed", "no_choices", "slow:<s>"
+        # consumed one per request: "429", "500", "malformed", "no_choices", "slow:<s>", and "echo" (a 400 whose
+        # body repeats the request's Authorization header, as careless proxies do)
+        self.faults: list[str] = []
         self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of every request, in order
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -78,6 +81,8 @@ class FakeOpenAI:
                 self._send(status, json.dumps(body).encode(), headers)
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                with server._lock:
+                    server.authorizations.append(self.headers.get("Authorization"))
                 if self.path != "/v1/chat/completions":
                     return self._error(404, f"no route {self.path}")
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
@@ -103,6 +108,8 @@ class FakeOpenAI:
             def _answer(self, body: dict[str, Any], messages: list[dict[str, str]]) -> None:
                 fault = server._next_fault()
                 time.sleep(server.delay_s)
+                if fault == "echo":
+                    return self._error(400, f"bad request; you sent Authorization: {self.headers.get('Authorization')}")
                 if fault == "429":
                     return self._error(429, "rate limited", {"Retry-After": "0"})
                 if fault == "500":

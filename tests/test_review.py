@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from labelstudio_server import _free_port, make_review_run
+from labelstudio_server import _free_port, make_review_run, run_surd
 from labelstudio_server import labelstudio as labelstudio  # noqa: F401  (the session fixture)
 from typer.testing import CliRunner
 
@@ -179,17 +178,10 @@ def test_unreachable_server_and_missing_key_are_clear_errors(monkeypatch: pytest
 # --- against a real Label Studio -------------------------------------------------------------------------
 
 
-def _cli(*args: str, key: str) -> subprocess.CompletedProcess:
-    """The real `surd` entry point in a child process (so error output is exactly what a user sees)."""
-    code = "import sys; from surd.cli import main; sys.argv = ['surd', *sys.argv[1:]]; main()"
-    env = {"LABEL_STUDIO_API_KEY": key, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
-
-
 @pytest.mark.labelstudio
 def test_bad_token_is_a_clear_error_and_never_printed(labelstudio) -> None:  # noqa: F811
     bad = "0123456789abcdef-not-the-token"
-    out = _cli("review", "status", "--url", labelstudio.url, "--project", "x", key=bad)
+    out = run_surd("review", "status", "--url", labelstudio.url, "--project", "x", key=bad)
     assert out.returncode == 1
     assert "refused the API key" in out.stderr and "Traceback" not in out.stderr + out.stdout
     assert bad not in out.stderr + out.stdout
@@ -227,7 +219,9 @@ def test_round_trip_push_annotate_pull_export(labelstudio, monkeypatch: pytest.M
     assert some.data["image"].startswith("/data/local-files/?d=")
     assert labelstudio.files_root.joinpath("roundtrip/review/thumbs").is_dir()
     assert "an abstract picture 0" in some.data["other_candidates"]
-    assert some.predictions[0].result[0]["value"]["text"] == ["a plain colour square number 0"]
+    # The corrected-narrative box is pre-filled from the task's narrative by the interface (no prediction).
+    assert some.data["narrative_prompt"] == "a plain colour square number 0"
+    assert re.search(r'<TextArea name="corrected_narrative"[^>]*value="\$narrative_prompt"', project.label_config)
     image = ls.Session(labelstudio.url, labelstudio.token).get(some.data["image"])
     assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"
 
@@ -278,7 +272,7 @@ def test_round_trip_push_annotate_pull_export(labelstudio, monkeypatch: pytest.M
     assert six["annotators"] == 3 and six["agreement"] == pytest.approx(2 / 3)
     assert six["annotator"] == "bob@surd.test,cy@surd.test,reviewer@surd.test"
 
-    status = _cli("review", "status", "--url", labelstudio.url, "--project", "SURD round trip", "--json",
+    status = run_surd("review", "status", "--url", labelstudio.url, "--project", "SURD round trip", "--json",
                   key=labelstudio.token)  # fmt: skip
     assert status.returncode == 0, status.stderr
     s = json.loads(status.stdout)
@@ -313,7 +307,57 @@ def test_inline_images_and_unknown_project(labelstudio, tmp_path: Path) -> None:
         ls.push(session, run, "SURD inline", images="local")
     result = ls.push(session, run, "SURD inline", images="auto")
     assert (result.images, result.imported) == ("inline", 3)
+    # Not silent: the reason is the server's own (the folder is outside its LOCAL_FILES_DOCUMENT_ROOT).
+    assert "LOCAL_FILES_DOCUMENT_ROOT" in result.images_reason
     task = session.tasks(result.project_id, with_annotations=False)[0]
     assert task.data["image"].startswith("data:image/jpeg;base64,")
     with pytest.raises(SurdError, match="no project titled 'nope'"):
         ls.pull(session, run, "nope")
+
+
+def _pushed(labelstudio, folder: str, n: int, project: str) -> tuple[Path, dict, ls.Session, ls.PushResult]:
+    """A run of `n` rows under the server's files root, pushed with a personal access token."""
+    run = labelstudio.files_root / folder
+    rows = {r["id"]: r for r in make_review_run(run, n)}
+    session = ls.Session(labelstudio.url, labelstudio.token)
+    return run, rows, session, ls.push(session, run, project)
+
+
+@pytest.mark.labelstudio
+def test_task_data_lets_a_lead_sort_and_filter(labelstudio) -> None:  # noqa: F811
+    _, rows, session, pushed = _pushed(labelstudio, "data-manager", 10, "SURD data manager")
+    tasks = session.tasks(pushed.project_id, with_annotations=False)
+    assert len(tasks) == 10
+    for task in tasks:
+        row = rows[task.data["sample_id"]]
+        assert task.data["source"] == row["source"]
+        for column in ("clip_narrative", "clip_keyword", "nsfw_score"):
+            assert task.data[column] == (None if row[column] is None else pytest.approx(row[column], abs=1e-4))
+
+    # What the data manager sends for "clip_narrative < 0.05 and source is civitai", sorted by clip_keyword.
+    query = {
+        "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:data.clip_narrative", "operator": "less", "type": "Number", "value": 0.05},
+            {"filter": "filter:tasks:data.source", "operator": "equal", "type": "String", "value": "civitai"},
+        ]},
+        "ordering": ["-tasks:data.clip_keyword"],
+    }  # fmt: skip
+    found = session.client.tasks.list(project=pushed.project_id, query=json.dumps(query))
+    assert [t.data["sample_id"] for t in found] == ["civitai:04", "civitai:02", "civitai:00"]
+
+
+@pytest.mark.labelstudio
+def test_typing_a_correction_is_a_vote_and_undecided_submissions_are_counted(labelstudio) -> None:  # noqa: F811
+    run, rows, session, pushed = _pushed(labelstudio, "one-step", 3, "SURD one step")
+    task_ids = {t.data["sample_id"]: t.id for t in session.tasks(pushed.project_id, with_annotations=False)}
+    # What the page sends when a reviewer only types in the box and submits, or only submits.
+    session.client.annotations.create(id=task_ids["civitai:00"], result=_result(text="a corrected sentence"))
+    untouched = _result(text=rows["diffusiondb:01"]["narrative_prompt"])
+    session.client.annotations.create(id=task_ids["diffusiondb:01"], result=untouched)
+
+    s = ls.status(session, "SURD one step")
+    assert (s["annotated"], s["edited"], s["accepted"], s["undecided"]) == (2, 1, 0, 1)
+    _, table = ls.pull(session, run, "SURD one step")
+    assert [(r["id"], r["decision"], r["corrected_narrative"]) for r in table.to_pylist()] == [
+        ("civitai:00", "edited", "a corrected sentence")
+    ]

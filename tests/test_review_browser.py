@@ -1,5 +1,5 @@
-"""A reviewer in a real browser: headless Chromium logs in to Label Studio, rejects one task and edits
-another in the labeling UI, and `pull` sees both decisions.
+"""A reviewer in a real browser: headless Chromium logs in to Label Studio, rejects one task and corrects the
+narrative of another in one step (type, Submit), and `pull` sees both decisions.
 
 Set SURD_UPDATE_DOCS=1 to refresh docs/review.png from this test's screenshot.
 """
@@ -32,10 +32,16 @@ def _chromium() -> str:
     pytest.skip("chromium not installed: run `apt-get install -y chromium` (see scripts/setup_test_services.sh)")
 
 
+def _narrative_box(page):
+    return page.locator("textarea[name=corrected_narrative]")
+
+
 def _open_task(page, base: str, project_id: int, task_id: int) -> None:
     page.goto(f"{base}/projects/{project_id}/data?task={task_id}")
-    # The pre-filled corrected narrative (from the prediction) is the last thing the editor renders.
-    page.locator("[data-testid=htx-textbox-content]").wait_for(timeout=UI_TIMEOUT_MS)
+    _narrative_box(page).wait_for(timeout=UI_TIMEOUT_MS)
+    # The data manager may load the task a second time and rebuild the page (a fresh box): on a loaded
+    # machine that takes seconds, so wait until it has stopped fetching before anyone types.
+    page.wait_for_load_state("networkidle", timeout=UI_TIMEOUT_MS)
 
 
 def _choose(page, value: str) -> None:
@@ -98,12 +104,12 @@ def test_reviewer_rejects_and_edits_in_the_browser(labelstudio, tmp_path: Path) 
             _submit(page)
 
             _open_task(page, labelstudio.url, pushed.project_id, task_ids[edited_id])
-            page.locator("[data-testid=htx-textbox-content]").hover()
-            page.locator("[data-testid=htx-textbox-edit-button]").click()
-            box = page.locator("[data-testid=htx-textbox-input]")
+            box = _narrative_box(page)
+            # The box is editable at once and holds the narrative under review: correcting it is typing.
+            assert box.input_value() == rows[edited_id]["narrative_prompt"]
             box.fill(new_text)
-            _choose(page, "Edit narrative")  # also moves focus out of the box, which keeps the edit
             page.screenshot(path=str(shot))
+            assert box.input_value() == new_text  # still the reviewer's text when they press Submit
             _submit(page)
         finally:
             context.close()

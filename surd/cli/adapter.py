@@ -1,4 +1,4 @@
-"""CLI for the adapter: `surd teacher`, `surd train`, `surd generate`, `surd adapter convert-original`.
+"""CLI for the adapter (every kind): `surd teacher`, `surd train`, `surd generate`, `surd adapter convert-original`.
 
 Thin: parse, validate into the pydantic configs (`adapter.config`), call, print.
 """
@@ -58,7 +58,8 @@ def train_from_recipe(spec: Any, run_dir: Path) -> Path:
         folder = Path(gen.out) if gen.out else out / "generate"
         for i, prompt in enumerate(gen.prompts):
             path = generate_to_file(config.base, out, prompt, folder / f"{i:03d}.png", seed=gen.seed,
-                                    side=gen.compare, steps=gen.steps, guidance_scale=gen.guidance_scale)
+                                    side=gen.compare, steps=gen.steps, guidance_scale=gen.guidance_scale,
+                                    adapt_unconditional=gen.adapt_unconditional)
             console.print(f"generated {path}")
     if spec.eval is not None:
         from adapter.config import EvalConfig
@@ -106,6 +107,8 @@ def train_cmd(
     base: str | None = typer.Option(None, "--base", help="diffusers SD folder or hub id"),
     llm: str | None = typer.Option(None, "--llm", help="teacher causal LM"),
     layer: int | None = typer.Option(None, "--layer", help="teacher hidden-state index"),
+    kind: str | None = typer.Option(None, "--kind", help="adapter.kind: sur, paper, connector (or "
+                                    "reference-with-defects, a reproduction for measurement)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="training run folder"),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", min=0),
@@ -115,10 +118,12 @@ def train_cmd(
     sets: list[str] | None = typer.Option(None, "--set", help="any train option KEY=VALUE (dots for nesting)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Train the SUR-adapter on SURD shards (`accelerate launch -m surd train ...` for several GPUs)."""
+    """Train an adapter on SURD shards (`accelerate launch -m surd train ...` for several GPUs)."""
     from adapter.train import train
 
     section = parse_sets(sets, into=_read_yaml_section(config) if config else {})
+    if kind is not None:
+        section.setdefault("adapter", {})["kind"] = kind
     flags = {"data": data, "base": base, "llm": llm, "layer": layer, "out": out, "max_steps": max_steps,
              "checkpoint_every": checkpoint_every, "resume": resume, "seed": seed}
     section.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
@@ -131,21 +136,25 @@ def train_cmd(
 
 def generate_cmd(
     prompt: str = typer.Argument(..., help="the (narrative) prompt"),
-    base: str = typer.Option(..., "--base", help="diffusers SD folder or hub id"),
-    adapter: Path = typer.Option(..., "--adapter", help="training run folder (adapter.safetensors)"),
+    base: str = typer.Option(..., "--base", help="diffusers SD 1.x/2.x or SDXL folder or hub id"),
+    adapter: Path = typer.Option(..., "--adapter", help="training run folder (adapter.safetensors), any kind"),
     output: Path = typer.Option(..., "-o", "--output", help="PNG to write"),
     seed: int = typer.Option(0, "--seed"),
     compare: bool = typer.Option(False, "--compare", help="base | adapter side by side, same seed"),
     steps: int = typer.Option(30, "--steps", min=1),
     guidance_scale: float = typer.Option(7.5, "--guidance-scale"),
     negative_prompt: str = typer.Option("", "--negative-prompt"),
+    adapt_unconditional: bool = typer.Option(True, "--adapt-unconditional/--stock-unconditional",
+                                             help="the negative/empty prompt through the adapter too, or as stock"),
+    llm: str | None = typer.Option(None, "--llm", help="connector: its LLM, if not where training found it"),
     device: str | None = typer.Option(None, "--device"),
 ) -> None:
-    """Generate an image with a trained adapter between the text encoder and the UNet."""
+    """Generate an image with a trained adapter (any kind) conditioning the UNet."""
     from adapter.inference import generate_to_file
 
     path = generate_to_file(base, adapter, prompt, output, seed=seed, side=compare, steps=steps,
-                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=device)
+                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=device,
+                            adapt_unconditional=adapt_unconditional, llm=llm)
     console.print(f"wrote {path}")
 
 
@@ -157,7 +166,7 @@ def convert_original_cmd(
     heads: int = typer.Option(8, "--heads", help="the original nhead (8)"),
     base: str | None = typer.Option(None, "--base", help="record the SD model it was trained on"),
 ) -> None:
-    """Import an original SUR-adapter checkpoint into `paper` mode (read with weights_only=True)."""
+    """Import an original SUR-adapter checkpoint as the `paper` kind (read with weights_only=True)."""
     from adapter.convert import convert_original
 
     console.print(f"converted: {convert_original(ckpt, out, eta=eta, heads=heads, base_model=base)}")

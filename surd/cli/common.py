@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
 from rich.console import Console
 
+from surd import layout
 from surd.errors import SurdError
 
 console = Console()
@@ -38,3 +40,16 @@ def parse_sets(values: list[str] | None, flag: str = "--set", into: dict[str, An
 def print_stats(name: str, stats: dict[str, Any]) -> None:
     dropped = ", ".join(f"{r}: {n}" for r, n in sorted(stats["dropped"].items())) or "none"
     console.print(f"[bold]{name}[/]: {stats['in']} in, {stats['kept']} kept; dropped: {dropped}")
+
+
+def require_run(run_dir: Path) -> Path:
+    """`run_dir` if it is a surd run folder (it holds a stage folder or a dataset), else a one-line error."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise SurdError(f"run folder not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise SurdError(f"not a folder: {run_dir} (a run folder is what `surd run ... --out` writes)")
+    folders = [layout.stage_dir(run_dir, s) for s in layout.STAGES] + [layout.dataset_dir(run_dir)]
+    if not any(folder.is_dir() for folder in folders):
+        raise SurdError(f"not a surd run folder: {run_dir} (no stage folder: {', '.join(layout.STAGES)})")
+    return run_dir

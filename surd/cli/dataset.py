@@ -9,9 +9,20 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand
 
 from surd import layout
-from surd.cli.common import OutOpt, QuietOpt, RecipeOpt, SetOpt, WorkersOpt, console, parse_sets, print_stats
+from surd.cli.common import (
+    OutOpt,
+    QuietOpt,
+    RecipeOpt,
+    SetOpt,
+    WorkersOpt,
+    console,
+    parse_sets,
+    print_stats,
+    require_run,
+)
 from surd.errors import SurdError, explain_validation
 
 STAGE_HELP = {
@@ -75,6 +86,31 @@ def _prepare(prepare: Any) -> None:
         tiny(Path(prepare.tiny_models))
 
 
+# Source options that `surd collect` takes as their own flag (the rest: --option KEY=VALUE).
+COLLECT_FLAGS = {"path": "PATH", "name": "--name", "max_items": "--max-items", "limit": "--limit",
+                 "api_base": "--api-base", "rows_per_shard": "--rows-per-shard"}
+
+
+class CollectCommand(TyperCommand):
+    """`surd collect`, whose `--help` ends with the options of the source named on the line (or the sources)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        takes_value = {name for p in self.params if p.param_type_name == "option" and not getattr(p, "is_flag", False)
+                       for name in p.opts}
+        words = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in takes_value)]
+        ctx.meta["surd.source"] = words[0] if words else None
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from surd.sources import SOURCE_TYPES, source_help
+
+        source = ctx.meta.get("surd.source")
+        text = source_help(source, COLLECT_FLAGS) if source else (  # an unknown source fails here, in one line
+            f"Sources: {', '.join(SOURCE_TYPES)}. Each one's options: surd collect SOURCE --help")
+        super().format_help(ctx, formatter)  # typer's rich help prints now; the formatter's text follows it
+        formatter.write(f"\n{text}\n")
+
+
 def collect_cmd(
     source: str = typer.Argument(..., help="folder, imagefolder, parquet, jsonl, civitai, diffusiondb, lexica"),
     path: str | None = typer.Argument(None, help="folder or file to read (local sources)"),
@@ -88,7 +124,7 @@ def collect_cmd(
     workers: int = WorkersOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Collect prompt/image pairs from a source into OUT/collect/<name>/."""
+    """Collect prompt/image pairs from a source into OUT/collect/<name>/ (`surd collect SOURCE --help`: its options)."""
     from pipelines.collect import collect
     from surd.sources import source_config
 
@@ -229,8 +265,7 @@ def stats(
     """Rows in / kept / dropped (by reason) for every stage of a run."""
     from surd.shards import stage_stats
 
-    if not Path(run_dir).is_dir():
-        raise SurdError(f"run folder not found: {run_dir}")
+    require_run(run_dir)
     result = {}
     for stage in layout.stages_present(run_dir):
         s = stage_stats(layout.stage_dir(run_dir, stage))
@@ -251,13 +286,14 @@ def stats(
 
 def report(
     run_dir: Path = typer.Argument(..., help="run folder"),
-    output: Path = typer.Option(..., "-o", "--output", help="HTML file to write"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="HTML file to write (default: RUN/report.html)"),
 ) -> None:
-    """A self-contained HTML report: funnel, drop reasons, histograms, sample grid."""
+    """A self-contained HTML report: models and thresholds, funnel, CLIP scores, drops with images, narratives,
+    samples, training."""
     from surd.report import write_report
 
-    if not Path(run_dir).is_dir():
-        raise SurdError(f"run folder not found: {run_dir}")
+    require_run(run_dir)
+    output = output or layout.report_path(run_dir)
     write_report(run_dir, output)
     console.print(f"report: {output}")
 
@@ -266,14 +302,15 @@ models_app = typer.Typer(help="Model folders for the demo and tests.", no_args_i
 
 
 @models_app.command("tiny")
-def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/")) -> None:
-    """Write tiny randomly initialised models (CLIP, LLM, SD) for the offline demo and tests."""
-    from surd.demo.tiny import write_tiny_clip, write_tiny_llm, write_tiny_sd
+def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/, sdxl/")) -> None:
+    """Write tiny randomly initialised models (CLIP, LLM, SD, SDXL) for the offline demo and tests."""
+    from surd.demo.tiny import write_tiny_clip, write_tiny_llm, write_tiny_sd, write_tiny_sdxl
 
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_clip(out / "clip")
     write_tiny_llm(out / "llm")
     write_tiny_sd(out / "sd")
+    write_tiny_sdxl(out / "sdxl")
     (out / "DONE").write_text("tiny random models; numbers produced with them are meaningless\n")
     console.print(f"tiny models written to {out}")
 
@@ -281,7 +318,7 @@ def tiny(out: Path = typer.Argument(..., help="folder for clip/, llm/, sd/")) ->
 def register(app: typer.Typer) -> None:
     """Add the dataset commands to the `surd` command line."""
     app.command("run")(run)
-    app.command("collect")(collect_cmd)
+    app.command("collect", cls=CollectCommand)(collect_cmd)
     app.command("explain")(explain_cmd)
     app.command("fetch")(fetch_cmd)
     app.command("clean")(clean_cmd)

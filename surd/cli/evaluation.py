@@ -70,6 +70,9 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(30, "--steps", min=1, help="inference steps"),
         guidance: str = typer.Option("7.5", "--guidance", help="classifier-free guidance scale(s), e.g. 3,7.5"),
         negative_prompt: str = typer.Option("", "--negative-prompt", help="negative prompt for every arm"),
+        adapt_unconditional: bool = typer.Option(True, "--adapt-unconditional/--stock-unconditional",
+                                                 help="adapter arms: the negative/empty prompt through the adapter "
+                                                      "too, or as stock"),
         size: int | None = typer.Option(None, "--size", min=8, help="image side in pixels (default: the model's)"),
         batch_size: int = typer.Option(4, "--batch-size", min=1, help="images per pipeline call"),
         device: str | None = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda when available)"),
@@ -88,7 +91,8 @@ def register(app: typer.Typer) -> None:
                 base=base, adapter=plain, adapters=named, scorer=scorer, clip=clip, judge=judge, keyword=keyword,
                 data=data, probes=[] if probes.strip().lower() == "none" else _csv(probes, "--probes"),
                 limit=limit, seeds=_seeds(seeds), steps=steps, guidance_scale=_floats(guidance, "--guidance"),
-                negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size, device=device,
+                negative_prompt=negative_prompt, adapt_unconditional=adapt_unconditional, height=size, width=size,
+                batch_size=batch_size, device=device,
                 llm=llm, llm_url=llm_url, finetune=finetune,
             )
         except ValidationError as e:

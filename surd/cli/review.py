@@ -16,7 +16,7 @@ review_app = typer.Typer(help="Review samples in Label Studio and bring the deci
 UrlOpt = typer.Option("http://localhost:8080", "--url", envvar="LABEL_STUDIO_URL", help="Label Studio server URL")
 # The key is read from the environment or the flag and never echoed: show_default stays off.
 KeyOpt = typer.Option(None, "--api-key", envvar="LABEL_STUDIO_API_KEY", show_default=False, show_envvar=True,
-                      help="Label Studio access token")  # fmt: skip
+                      help="Label Studio API key: a personal access token, or a legacy token")  # fmt: skip
 ProjectOpt = typer.Option("SURD review", "--project", help="project title (created by push when missing)")
 
 
@@ -39,7 +39,8 @@ def push(
     where: str | None = typer.Option(None, "--where", help="filter: 'clip_narrative < 0.25 and source == civitai'"),
     stratify_by: str | None = typer.Option(None, "--stratify-by", help="sample proportionally within this column"),
     seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same selection)"),
-    images: str = typer.Option("auto", "--images", help="local (server shares this disk), inline (data: URIs), auto"),
+    images: str = typer.Option("auto", "--images", help="local (the server reads this disk), inline (data: URIs in "
+                               "its database), auto (local for a server on this machine; says which and why)"),
 ) -> None:
     """Push samples of RUN_DIR to a Label Studio project (no duplicates: pushing again adds only new ids)."""
     from annotations.labelstudio import Session
@@ -51,7 +52,8 @@ def push(
     made = "created" if result.created_project else "existing"
     say(
         f"project {project!r} ({made}, id {result.project_id}): {result.selected} selected, "
-        f"{result.imported} imported, {result.already_there} already there; images: {result.images}"
+        f"{result.imported} imported, {result.already_there} already there; images: {result.images} "
+        f"({result.images_reason})"
     )
     say(f"review at {session.url}/projects/{result.project_id}/data")
 
@@ -92,6 +94,8 @@ def status(
     say(f"project {project!r} (id {s['project_id']}): {s['tasks']} tasks, {s['annotated']} annotated")
     say(f"decisions: {s['accepted']} accepted, {s['rejected']} rejected, {s['edited']} edited"
                   f"{_agreement(s)}")  # fmt: skip
+    if s["undecided"]:
+        say(f"{s['undecided']} annotation(s) submitted with no decision and an unchanged narrative: not counted")
 
 
 def _agreement(s: dict) -> str:

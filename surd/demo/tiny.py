@@ -1,8 +1,8 @@
 """Every tiny randomly initialised model the demo and the tests use, written as the owning library saves it.
 
 CLIP (open_clip checkpoint folder), a chat LLM (transformers), a captioner (BLIP), a teacher LLM and Stable
-Diffusion folders (diffusers layout), plus a tiny exported SURD dataset. Everything is built from config
-objects; CLIP-style tokenizers come from open_clip's bundled BPE vocabulary (cut to its first merges so the
+Diffusion 1.x/2.x and SDXL folders (diffusers layout), plus a tiny exported SURD dataset. Everything is built
+from config objects; CLIP-style tokenizers come from open_clip's bundled BPE vocabulary (cut to its first merges so the
 embedding table stays small). Nothing is downloaded. Images produced with these models are noise: they
 exist to exercise the code paths, not to be looked at.
 """
@@ -46,22 +46,22 @@ def clip_bpe(num_merges: int = 2000) -> tuple[dict[str, int], list[tuple[str, st
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def clip_tokenizer(num_merges: int = 2000, max_length: int = 77):  # -> transformers.CLIPTokenizer
-    """An offline CLIP tokenizer from open_clip's bundled BPE vocabulary."""
+def clip_tokenizer(num_merges: int = 2000, max_length: int = 77, **kwargs):  # -> transformers.CLIPTokenizer
+    """An offline CLIP tokenizer from open_clip's bundled BPE vocabulary (kwargs: e.g. SDXL's pad_token="!")."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe(num_merges)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, **kwargs)
+
+
+# What every tiny UNet shares: 16 x 16 latents of 4 channels, two resolutions, one layer each.
+_TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  norm_num_groups=32)
 
 
 def write_tiny_sd(out_dir: Path, text_dim: int = 768, seed: int = 0) -> Path:
     """Write a tiny random StableDiffusionPipeline folder. `text_dim` 768 is SD 1.x-shaped, 1024 SD 2.x-shaped."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sd2 = text_dim >= 1024
@@ -83,29 +83,14 @@ def write_tiny_sd(out_dir: Path, text_dim: int = 768, seed: int = 0) -> Path:
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **_TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_dim,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
-        norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = _tiny_vae()
     # SD 1.5 and 2.x schedules; SD 2.x (768-v) predicts v, which exercises the v-prediction loss path.
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -126,6 +111,63 @@ def write_tiny_sd(out_dir: Path, text_dim: int = 768, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_vae():  # -> diffusers.AutoencoderKL
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+
+
+def write_tiny_sdxl(out_dir: Path, text_dims: tuple[int, int] = (32, 32), seed: int = 0) -> Path:
+    """Write a tiny random StableDiffusionXLPipeline folder: two text encoders (the second with a projection:
+    the pooled `text_embeds`), a UNet with SDXL's text/time additional embedding, and SDXL's schedule."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with !
+
+    def text_config(width: int) -> CLIPTextConfig:
+        # Two layers: SDXL conditions on the penultimate hidden state.
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+
+    text_encoder = CLIPTextModel(text_config(text_dims[0]))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(text_dims[1]))
+    time_embed = 8
+    unet = UNet2DConditionModel(
+        **_TINY_UNET,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(text_dims),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=6 * time_embed + 32,  # time ids + pooled text_embeds
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir)
     return out_dir

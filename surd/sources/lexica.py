@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from surd.errors import SourceError
 from surd.rows import Drop
@@ -27,17 +27,13 @@ SOURCE = "lexica"
 class LexicaConfig(ApiSourceConfig):
     """A `collect:` entry for Lexica search results."""
 
+    ONE_OF: ClassVar[tuple[str, ...]] = ("queries", "files")
+
     type: Literal["lexica"] = "lexica"
     queries: list[str] = Field(default_factory=list, description="search queries for the live API")
     files: list[str] = Field(default_factory=list, description="saved search responses (paths or fsspec URLs)")
     api_base: str = Field("https://lexica.art/api/v1", description="API root; mirrors, proxies and tests")
     requests_per_second: float = Field(0.5, gt=0, description="per-host rate limit")
-
-    @model_validator(mode="after")
-    def _something_to_read(self) -> LexicaConfig:
-        if not self.queries and not self.files:
-            raise ValueError("lexica: give `queries`, `files`, or both")
-        return self
 
     def build(self) -> LexicaSource:
         return LexicaSource(self)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from surd.errors import SourceError
 from surd.rows import Drop
@@ -39,20 +39,16 @@ from surd.sources.localfiles import (
 
 
 class TabularConfig(SourceConfig):
+    ONE_OF: ClassVar[tuple[str, ...]] = ("image_column", "image_url_column")
+
     path: Path = Field(description="a table file, or a folder searched recursively for them")
-    prompt_column: str = "prompt"
-    negative_prompt_column: str | None = None
+    prompt_column: str = Field("prompt", description="the column holding the keyword prompt")
+    negative_prompt_column: str | None = Field(None, description="the column holding a negative prompt, if any")
     narrative_column: str | None = Field(None, description="a simple narrative prompt, if the table has one")
     image_column: str | None = Field(None, description="image path (relative to the file), bytes or URL")
     image_url_column: str | None = Field(None, description="image URL, fetched by the fetch stage")
     id_column: str | None = Field(None, description="a stable id; default: <file>:<row>")
     meta_columns: list[str] | None = Field(None, description="columns kept in gen_meta; default: other scalars")
-
-    @model_validator(mode="after")
-    def _image_source(self) -> TabularConfig:
-        if self.image_column is None and self.image_url_column is None:
-            raise ValueError(f"{self.type} source: set image_column or image_url_column")
-        return self
 
     def build(self) -> TableSource:
         return TableSource(self)
