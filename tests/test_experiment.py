@@ -1,8 +1,10 @@
-"""`surd experiment shapes --quick`: the whole chain on the CPU, from renders to the report.
+"""`surd experiment shapes`: the whole chain on the CPU, from renders to the report.
 
-Asserts the instrument's sanity (the judge reads unseen renders, the ceiling is far above the floor, the floor is
-near chance) and that every arm ran — not a result: whether an adapter beats the floor is what the run reports.
-Slow (the packaged SmolLM2 is the teacher and the expander; a few minutes on 2 cores).
+The smoke run (a few steps of everything) checks the plumbing: every step, every adapter kind through `surd train`,
+every arm of `surd eval`, and that the sanity gate marks an untrained instrument INVALID. The quick run asserts the
+instrument's sanity (the judge reads unseen renders, the ceiling is far above the floor, the floor is near chance)
+and that every arm ran, not a result: whether an adapter beats the floor is what the run reports.
+Slow (the packaged SmolLM2 is the teacher and the expander).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from adapter.experiment.settings import adapter_kinds
+from adapter.experiment import run
+from adapter.experiment.settings import SMOKE, adapter_kinds
 from surd.cli.experiment import register
 
 pytestmark = pytest.mark.slow
@@ -66,3 +69,21 @@ def test_quick_experiment_is_sane_runs_every_arm_and_reuses_what_it_trained(tmp_
     times = json.loads((exp / "result.json").read_text())["times"]
     assert all(times[step]["cached"] for step in times if step != "eval"), times
     assert json.loads((exp / "eval" / "results.json").read_text())["images"]["generated"] == 0
+
+
+def test_smoke_run_trains_every_kind_runs_every_arm_and_marks_an_untrained_instrument_invalid(tmp_path: Path) -> None:
+    result = run(tmp_path / "exp", SMOKE, progress=False, log=lambda _: None)
+    kinds = adapter_kinds()
+    assert result["arms"] == ["base", "keyword", *kinds, "finetune", "llm-expanded"]
+    per_image = 2 * SMOKE.eval_prompts * SMOKE.seeds  # seen + held-out prompts, every seed
+    assert result["images"] == dict.fromkeys(result["arms"], per_image)
+    for kind in kinds:
+        saved = json.loads((tmp_path / "exp" / "adapters" / kind / "train_config.json").read_text())
+        assert saved["adapter"].get("kind", "sur") == kind and saved["max_steps"] == SMOKE.adapter_steps
+    # two steps of training read nothing: the judge check fails and the run says so before any arm
+    failed = {c["check"].split(" (")[0] for c in result["checks"] if not c["passed"]}
+    assert "judge accuracy on unseen renders" in failed and result["valid"] is False
+    text = (tmp_path / "exp" / "report.md").read_text()
+    assert "INVALID" in text and text.index("Sanity checks") < text.index("Attribute accuracy, seen combinations")
+    assert {step for step, t in result["times"].items() if not t["cached"]} >= {
+        "world", "dataset", "base", "judge", "teacher", "finetune", "eval", *(f"adapter-{k}" for k in kinds)}

