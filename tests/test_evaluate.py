@@ -395,3 +395,16 @@ def test_grid_html_labels_rows_and_columns_and_escapes_text() -> None:
     assert page.count('<tr class="row">') == 2 and page.count("<img ") == 1
     assert "<th>&lt;arm&gt;</th>" in page and "a &lt;b&gt; prompt" in page and "<b>" not in page
     assert page.index("<th>base</th>") < page.index("<th>&lt;arm&gt;</th>")
+
+
+def test_stock_unconditional_is_an_eval_option_and_part_of_the_images_fingerprint() -> None:
+    from adapter.config import EvalConfig
+    from adapter.evaluate import build_arms
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    assert "--stock-unconditional" in CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    adapted = build_arms(EvalConfig(base="b", scorer="attributes", judge="j", probes=[]))
+    stock = build_arms(EvalConfig(base="b", scorer="attributes", judge="j", probes=[], adapt_unconditional=False))
+    assert [a.name for a in adapted] == [a.name for a in stock] and adapted[0].tag != stock[0].tag
