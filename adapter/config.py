@@ -192,14 +192,19 @@ class EvalConfig(BaseModel):
 
     base: str = Field(..., description="diffusers Stable Diffusion folder, hub id, or one .safetensors/.ckpt file")
     base_config: str | None = Field(None, description="single-file base: a diffusers folder or hub id of its configs")
-    adapter: Path = Field(..., description="a `surd train` run folder (adapter.safetensors + adapter_config.json)")
-    clip: str = Field(..., description="CLIP for scoring: an open_clip folder, or NAME/PRETRAINED (tag or file)")
+    adapter: Path | None = Field(None, description="the `adapter` arm: a `surd train` run folder")
+    adapters: dict[str, Path] = Field(default_factory=dict, description="more adapter arms: name -> run folder")
+    scorer: str = Field("clip", description="clip, attributes, or a plug-in `package.module:factory`")
+    clip: str | None = Field(None, description="the clip scorer's CLIP: an open_clip folder, or NAME/PRETRAINED")
+    judge: str | None = Field(None, description="the model folder any other scorer loads")
     data: Path | None = Field(None, description="run folder holding the exported dataset (DIR/surd/data/*.parquet)")
     probes: list[str] = Field(default_factory=lambda: list(PROBE_SETS), description="probe sets or YAML files")
     limit: int | None = Field(None, ge=1, description="at most this many prompts per prompt set")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     steps: int = Field(30, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0)
+    guidance_scale: list[float] = Field(default_factory=lambda: [7.5], min_length=1,
+                                        description="one scale, or several: every arm is generated at each")
+    keyword: bool = Field(True, description="the `keyword` arm: the base model on the keyword prompt (the ceiling)")
     negative_prompt: str = ""
     adapt_unconditional: bool = Field(True, description="the negative/empty prompt goes through the adapter too")
     height: int | None = Field(None, ge=8)
@@ -209,3 +214,23 @@ class EvalConfig(BaseModel):
     llm: str | None = Field(None, description="control: expand narrative prompts with this LLM (spec or model name)")
     llm_url: str | None = Field(None, description="OpenAI-compatible base URL for --llm (default: local transformers)")
     finetune: str | None = Field(None, description="control: another diffusers model, e.g. a plain fine-tune")
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: object) -> object:
+        return [value] if isinstance(value, int | float) else value
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(g < 0 for g in value):
+            raise ValueError("guidance scales must be >= 0")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _scorer_model(self) -> EvalConfig:
+        if self.scorer == "clip" and not self.clip:
+            raise ValueError("the clip scorer needs a CLIP model (--clip)")
+        if self.scorer != "clip" and not self.judge:
+            raise ValueError(f"the {self.scorer} scorer needs a model folder (--judge)")
+        return self
