@@ -3,7 +3,7 @@
 A key lives in the environment, and so does the host it is for. A recipe (a file people share) names only the
 variable that holds a key (`api_key_env`); it cannot send the key anywhere else by changing `base_url`:
 
-- `OPENAI_API_KEY` is for `api.openai.com`;
+- `OPENAI_API_KEY` is for `api.openai.com`, `CIVITAI_API_KEY` for `civitai.com`;
 - a key in `$NAME` is for the host in `$NAME_HOST` (`host` or `host:port`; this also rebinds `OPENAI_API_KEY`);
 - a key with no host is never sent; a request to another host goes without it.
 
@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 
 from surd.errors import SurdError
 
-KEY_HOSTS = {"OPENAI_API_KEY": "api.openai.com"}  # keys whose host is known without `$NAME_HOST`
+# keys whose host is known without `$NAME_HOST`
+KEY_HOSTS = {"OPENAI_API_KEY": "api.openai.com", "CIVITAI_API_KEY": "civitai.com"}
 REDACTED = "[redacted]"
 
 _AUTH_VALUE = re.compile(r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]?\s*[\"']?)(?:(?:bearer|token|basic)\s+)?"

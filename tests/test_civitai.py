@@ -16,7 +16,7 @@ from civitai_server import RETRY_AFTER, FakeCivitai, has_prompt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surd.errors import SourceError
+from surd.errors import SourceError, SurdError
 from surd.rows import Drop
 from surd.schema import DROPPED_SCHEMA, SCHEMA, from_rows
 from surd.sources import source_config
@@ -176,6 +176,7 @@ def test_backoff_grows_is_bounded_and_honours_retry_after() -> None:
 
 def test_request_shape_user_agent_and_key(server: FakeCivitai, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CIVITAI_API_KEY", "sekrit-key")
+    monkeypatch.setenv("CIVITAI_API_KEY_HOST", server.api_base.split("/")[2])  # the key is for this server
     config = make_config(server, sort="Newest", base_models=["SD 1.5", "SDXL 1.0"], period="Week", nsfw=False)
     rows = crawl(config)
     requests = server.api_requests()
@@ -195,6 +196,36 @@ def test_no_key_no_authorization_header(server: FakeCivitai, monkeypatch: pytest
     monkeypatch.delenv("CIVITAI_API_KEY", raising=False)
     crawl(make_config(server, limit=200))
     assert "authorization" not in server.api_requests()[0][1]
+
+
+def test_a_key_goes_only_to_its_own_host(server: FakeCivitai, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CIVITAI_API_KEY is for civitai.com: a recipe's api_base (a mirror, a typo, someone else's server) gets no key.
+    monkeypatch.setenv("CIVITAI_API_KEY", "sekrit-key")
+    monkeypatch.delenv("CIVITAI_API_KEY_HOST", raising=False)
+    crawl(make_config(server, limit=200))
+    assert all("authorization" not in headers for _, headers in server.api_requests())
+    monkeypatch.setenv("CIVITAI_API_KEY_HOST", "civitai.com")
+    crawl(make_config(server, limit=200))
+    assert all("authorization" not in headers for _, headers in server.api_requests())
+
+
+def test_a_refusal_says_why_the_key_was_not_sent_and_never_echoes_it(
+    server: FakeCivitai, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CIVITAI_API_KEY", "sekrit-key")
+    monkeypatch.delenv("CIVITAI_API_KEY_HOST", raising=False)
+    server.api_faults.append("400")
+    with pytest.raises(SourceError, match=r"CIVITAI_API_KEY is for civitai.com, so it was not sent") as error:
+        crawl(make_config(server))
+    assert "sekrit" not in str(error.value)
+
+
+def test_a_bound_key_never_travels_over_plain_http_off_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIVITAI_API_KEY", "sekrit-key")
+    monkeypatch.setenv("CIVITAI_API_KEY_HOST", "civitai.example")
+    config = source_config({"type": "civitai", "api_base": "http://civitai.example/api/v1", "limit": 20})
+    with pytest.raises(SurdError, match="plain http"):
+        config.client(config.endpoint("images"))  # refused before any connection is made
 
 
 def test_429_waits_for_retry_after(server: FakeCivitai) -> None:

@@ -18,7 +18,7 @@ from surd.errors import SourceError
 from surd.rows import Drop
 from surd.sources.base import Page, Row
 from surd.sources.genmeta import as_float, as_int, clean_text, fallback_id, first, gen_meta_json, json_safe
-from surd.sources.http import ApiSourceConfig, api_key_from_env
+from surd.sources.http import ApiSourceConfig
 
 SOURCE = "civitai"
 SITE = "https://civitai.com"
@@ -40,7 +40,8 @@ class CivitaiConfig(ApiSourceConfig):
     model_version_id: int | None = None
     post_id: int | None = None
     username: str | None = None
-    api_key_env: str = Field("CIVITAI_API_KEY", description="env var holding an API key (sent as Bearer)")
+    api_key_env: str = Field("CIVITAI_API_KEY", description="env var holding an API key, sent as Bearer to "
+                             "civitai.com or to the host in $<NAME>_HOST")
 
     def params(self) -> dict[str, str]:
         """Query parameters for every page (the cursor is added per page)."""
@@ -74,7 +75,7 @@ class CivitaiSource:
     def pages(self, cursor: str | None) -> Iterator[Page]:
         config = self.config
         url = config.endpoint("images")
-        with config.client(api_key=api_key_from_env(config.api_key_env)) as client:
+        with config.client(url) as client:  # the key goes to its own host only (surd.secrets)
             while True:
                 params = config.params()
                 if cursor is not None:

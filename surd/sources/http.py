@@ -24,6 +24,7 @@ import httpx
 from pydantic import Field
 
 from surd.errors import SourceError
+from surd.secrets import api_key_for, known_secrets, redact
 from surd.sources.base import SourceConfig
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -125,12 +126,6 @@ class RateLimiter:
             await asyncio.sleep(delay)
 
 
-def api_key_from_env(var: str | None) -> str | None:
-    if not var:
-        return None
-    return os.environ.get(var) or None
-
-
 class PoliteClient:
     """A synchronous JSON client for paged APIs, with the politeness rules above."""
 
@@ -141,8 +136,11 @@ class PoliteClient:
         policy: RetryPolicy | None = None,
         timeout: float = 30.0,
         api_key: str | None = None,
+        key_note: str = "",
     ) -> None:
         self.policy = policy or RetryPolicy()
+        self._secrets = known_secrets(api_key)  # a server's error text may echo any key we know of
+        self._key_note = key_note  # why a configured key was not sent: said beside a refusal (401, 403)
         self.limiter = RateLimiter(requests_per_second)
         headers = {"User-Agent": user_agent(), "Accept": "application/json"}
         if api_key:
@@ -190,8 +188,9 @@ class PoliteClient:
                     if retry_after:
                         self.limiter.defer(_host_key(response.url), retry_after)
                 else:
-                    detail = response.text[:200].strip()
-                    raise SourceError(f"GET {_public(response.url)}: HTTP {status} (not retried): {detail}")
+                    detail = redact(response.text[:200].strip(), self._secrets)
+                    note = f"; {self._key_note}" if self._key_note else ""
+                    raise SourceError(f"GET {_public(response.url)}: HTTP {status} (not retried): {detail}{note}")
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {e}"
             delay = self.policy.delay(attempt, retry_after)
@@ -226,11 +225,13 @@ class ApiSourceConfig(SourceConfig):
     backoff_base: float = Field(1.0, gt=0, description="seconds; doubles per retry, with jitter")
     timeout: float = Field(30.0, gt=0, description="seconds per request")
 
-    def client(self, api_key: str | None = None) -> PoliteClient:
+    def client(self, url: str | None = None) -> PoliteClient:
+        """A client for requests to `url`, sending `$api_key_env`'s key only if it is for that host."""
+        env_name = getattr(self, "api_key_env", None)
+        key, note = api_key_for(url, env_name) if url and env_name else (None, "")
         policy = RetryPolicy(max_retries=self.max_retries, backoff_base=self.backoff_base)
-        return PoliteClient(
-            requests_per_second=self.requests_per_second, policy=policy, timeout=self.timeout, api_key=api_key
-        )
+        return PoliteClient(requests_per_second=self.requests_per_second, policy=policy, timeout=self.timeout,
+                            api_key=key, key_note=note)
 
     def endpoint(self, path: str) -> str:
         return self.api_base.rstrip("/") + "/" + path.lstrip("/")
