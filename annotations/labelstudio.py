@@ -173,6 +173,10 @@ def push(
     if images not in MODES:
         raise SurdError(f"--images {images!r}: expected {', '.join(MODES)}")
     ids = selection.select_ids(run_dir, limit=limit, where=where, stratify_by=stratify_by, seed=seed)
+    if not ids:  # before the project exists: an empty selection must not leave an empty project behind
+        rows = selection.read_parquet_folder(selection.dataset_folder(run_dir), ["id"]).num_rows
+        what = f"--where {where!r} matched no rows of {rows}" if where else f"the dataset of {run_dir} has no rows"
+        raise SurdError(f"nothing to review: {what}; no project was created")
     project_id, created = session.ensure_project(project)
     try:
         existing = {t.data.get("sample_id") for t in session.tasks(project_id, with_annotations=False)}

@@ -315,6 +315,17 @@ def test_inline_images_and_unknown_project(labelstudio, tmp_path: Path) -> None:
         ls.pull(session, run, "nope")
 
 
+@pytest.mark.labelstudio
+def test_a_selection_of_nothing_creates_no_project(labelstudio, tmp_path: Path) -> None:  # noqa: F811
+    run = tmp_path / "run"
+    make_review_run(run, 3)
+    session = ls.Session(labelstudio.url, labelstudio.token)
+    with pytest.raises(SurdError, match="matched no rows of 3") as error:
+        ls.push(session, run, "SURD nothing", where="clip_narrative > 99")
+    assert "no project was created" in str(error.value)
+    assert session.find_project("SURD nothing") is None
+
+
 def _pushed(labelstudio, folder: str, n: int, project: str) -> tuple[Path, dict, ls.Session, ls.PushResult]:
     """A run of `n` rows under the server's files root, pushed with a personal access token."""
     run = labelstudio.files_root / folder
