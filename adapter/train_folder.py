@@ -27,6 +27,7 @@ from typing import Any, Literal
 from adapter.cache import fingerprint
 from adapter.config import TrainConfig
 from adapter.model import CONFIG_NAME, WEIGHTS_NAME
+from surd import layout
 from surd.errors import SurdError
 from surd.shards import atomic_write_json
 
@@ -42,8 +43,13 @@ RUN_MARKERS = ("train_config.json", IDENTITY_NAME, CONFIG_NAME)
 
 
 def identity(config: TrainConfig, revision: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run: the weight-shaping settings and the dataset (not its path)."""
+    """What makes two runs the same run: the weight-shaping settings and the dataset (not its path).
+
+    Paths inside the data's run folder (a recipe's `${out}/models/sd`) are recorded as `${out}/...`: a run folder
+    moved or copied elsewhere holds the same run (surd.layout.portable)."""
     settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in RUN_KEYS}
+    if config.data:
+        settings = layout.portable(settings, Path(config.data))
     return {"settings": settings, "data": {k: v for k, v in revision.items() if k != "path"}}
 
 

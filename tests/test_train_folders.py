@@ -151,3 +151,24 @@ def test_report_to_wandb_offline_logs_every_loss_term_in_one_run_across_a_resume
     logged = runs[0].read_bytes()
     for term in (b"loss/loss", b"loss/diffusion", b"loss/llm", b"loss/prompt", b"learning_rate"):
         assert term in logged, term  # every loss term, and the run's settings
+
+
+def test_a_recipe_run_moved_elsewhere_still_skips_its_complete_adapter(world, tmp_path, capsys) -> None:
+    # As the demo: the base model lives inside the run folder (`${out}/models/sd`); moving the run moves it too,
+    # and that is the same run (what run.json records about paths inside the run is written `${out}/...`).
+    import shutil
+
+    first = tmp_path / "a"
+    write_tiny_dataset(first, n=6)
+    shutil.copytree(world["sd"], first / "models" / "sd")
+
+    def spec(run: Path) -> ModelRecipe:
+        return ModelRecipe(collect=[], train=dict(base=str(run / "models" / "sd"), llm=str(world["llm"]), max_steps=2,
+                                                  **SETTINGS))
+
+    train_from_recipe(spec(first), first)
+    moved = tmp_path / "b"
+    shutil.move(first, moved)
+    capsys.readouterr()
+    train_from_recipe(spec(moved), moved)
+    assert "nothing to train" in capsys.readouterr().out
