@@ -12,6 +12,8 @@ Where a stage runs (its recipe section's `num_cpus` / `num_gpus` are reserved pe
 - plain tasks otherwise (stateless row logic such as clean and dedup).
 Collect and export run in the driver with the local code (sources page through cursors; export writes one
 dataset); whole-input plans (dedup) are made once in the driver and shipped with the stage.
+Progress moves row by row as on the local executor: workers report finished rows to a small counter actor that
+the driver polls.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import logging
 import os
 import re
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,13 +63,27 @@ def actor_pool_size(name: str, config: Any, shards_todo: int, resources: dict[st
     return max(1, min(fits, shards_todo))
 
 
-def _process(job: StageJob, batch: pa.Table) -> pa.Table:
+class _RowCounter:
+    """A Ray actor counting rows finished inside shards, so the driver's bar moves row by row, not per shard."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def count(self) -> int:
+        return self.rows
+
+
+def _process(job: StageJob, batch: pa.Table, counter: Any = None) -> pa.Table:
     """Run the job over the shards named in `batch`; user errors come back as data (Ray drops their type)."""
     rels = batch.column("rel").to_pylist()
     rows_in, errors = [], []
+    on_rows = None if counter is None else (lambda n: counter.add.remote(n))  # fire and forget: never waits
     for rel in rels:
         try:
-            rows_in.append(job.run(rel)["in"])
+            rows_in.append(job.run(rel, on_rows=on_rows)["in"])
             errors.append(None)
         except SurdError as e:
             rows_in.append(0)
@@ -76,15 +95,15 @@ def _results(rels: list[str], rows_in: list[int], errors: list[str | None]) -> p
     return pa.table({"rel": rels, "in": pa.array(rows_in, pa.int64()), "error": pa.array(errors, pa.string())})
 
 
-def _shard_task(batch: pa.Table, job: StageJob) -> pa.Table:
-    return _process(job, batch)
+def _shard_task(batch: pa.Table, job: StageJob, counter: Any = None) -> pa.Table:
+    return _process(job, batch, counter)
 
 
 class _ShardActor:
     """One model-stage worker: sets the stage up once, then processes the shards Ray Data sends it."""
 
-    def __init__(self, job: StageJob) -> None:
-        self.job = job
+    def __init__(self, job: StageJob, counter: Any = None) -> None:
+        self.job, self.counter = job, counter
         self.error: str | None = None
         try:
             job.setup()
@@ -95,7 +114,7 @@ class _ShardActor:
         if self.error is not None:
             rels = batch.column("rel").to_pylist()
             return _results(rels, [0] * len(rels), [self.error] * len(rels))
-        return _process(self.job, batch)
+        return _process(self.job, batch, self.counter)
 
 
 def _raise_worker_error(message: str) -> None:
@@ -106,12 +125,12 @@ def _raise_worker_error(message: str) -> None:
     raise cls(text)
 
 
-def _map_shards(job: StageJob, config: Any, max_actors: int | None) -> Any:
+def _map_shards(job: StageJob, config: Any, max_actors: int | None, counter: Any = None) -> Any:
     """The Ray Data pipeline: one item per shard to do, mapped by tasks or an actor pool (the placement rule)."""
     import ray
     import ray.data
 
-    args = {"job": job}
+    args = {"job": job, "counter": counter}
     items = ray.data.from_items([{"rel": rel} for rel in job.todo], override_num_blocks=len(job.todo))
     size = actor_pool_size(job.name, config, len(job.todo), ray.cluster_resources())  # fails early, never hangs
     if not uses_actors(config, job.stage.processor):
@@ -132,14 +151,45 @@ def run_stage_ray(
     """Run one processing stage over its input stage's shards on Ray; returns the stage's total stats."""
     job = open_stage(run_dir, name, config, source=source, progress=progress)
     if job.todo:
-        done = _map_shards(job, config, max_actors)
-        with progress_bar(f"{job.label}, ray", job.total(), enabled=progress) as bar:
+        import ray
+
+        counter = ray.remote(num_cpus=0)(_RowCounter).remote() if progress else None
+        done = _map_shards(job, config, max_actors, counter)
+        with progress_bar(f"{job.label}, ray", job.total(), enabled=progress) as bar, _polling(counter, bar):
             # Leaving the loop early (first user error) stops the dataset: no more shards are started.
             for result in done.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for error in result.column("error").drop_null().to_pylist():
                     _raise_worker_error(error)
-                bar.advance(sum(result.column("in").to_pylist()))
+        if counter is not None:
+            ray.kill(counter)
     return job.close()
+
+
+@contextmanager
+def _polling(counter: Any, bar: Any, every: float = 0.25) -> Iterator[None]:
+    """Move `bar` to the counter's rows every `every` seconds while the block runs, and once at its end."""
+    if counter is None:
+        yield
+        return
+    import ray
+
+    stop = threading.Event()
+
+    def catch_up() -> None:
+        bar.advance(max(0, ray.get(counter.count.remote()) - bar.done))
+
+    def poll() -> None:
+        while not stop.wait(every):
+            catch_up()
+
+    thread = threading.Thread(target=poll, name="surd-ray-rows", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    catch_up()
 
 
 def _run_dir(out: Path) -> Path:

@@ -347,3 +347,27 @@ def test_the_demo_recipe_with_its_model_stages_agrees_with_the_local_run(tmp_pat
 def _exported(out: Path) -> list[dict[str, Any]]:
     files = sorted((out / "surd" / "data").glob("*.parquet"))
     return [row for path in files for row in pq.read_table(path).to_pylist()]
+
+
+def test_the_bar_moves_row_by_row_inside_a_shard_on_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on the local executor (tests/test_progress.py): rows finished inside a shard reach the driver's bar."""
+    from openai_server import FakeOpenAI
+    from test_progress import LINE, _collect, _slow_retry
+
+    from surd.pair import PairConfig
+
+    run = tmp_path / "run"
+    _collect(run, 6, 2)
+    monkeypatch.setenv("SURD_PROGRESS_EVERY", "0.1")
+    with FakeOpenAI(_slow_retry) as server:
+        config = PairConfig(backend="openai", model="served", base_url=server.base_url, api_key_env=None,
+                            batch_size=6, max_retries=1, min_words=1, num_cpus=0.5)
+        stats = run_stage_ray(run, "pair", config, progress=True)
+    assert stats["kept"] == 12
+    lines = [LINE.match(line) for line in capsys.readouterr().err.splitlines() if line.startswith("[surd] pair")]
+    assert lines and all(lines)
+    counts = [int(m["done"]) for m in lines]  # type: ignore[index]
+    assert counts == sorted(counts) and counts[-1] == 12
+    assert set(counts) - {0, 6, 12}, counts  # a count inside a shard: rows reported before their shard ended
