@@ -337,16 +337,24 @@ class Pairer:
                 break
             if attempt:
                 self.counters["retried_rows"] += len(pending)
-            got = self._generate("llm", pending, c.k, self._sampling(attempt), self.llm.generate)
-            for i, texts in got.items():
-                if isinstance(texts, LLMError):
-                    results[i] = Drop("llm_error", str(texts))
-                    del valid[i]
-                    continue
-                grounding = " ".join(filter(None, (rows[i].get("keyword_prompt"), (captions.get(i) or [""])[0])))
-                self._collect(rows[i], "llm", attempt, texts, rows[i].get("keyword_prompt"), valid[i], reasons[i],
-                              c.k, grounding)
-            self._report(i for i in todo if i not in valid or len(valid[i]) >= c.k)
+            last = attempt == c.max_retries
+            # A local model generates `llm_batch_size` prompts per call (its own chunking, so the same batches and
+            # outputs): rows are judged, and reported to the progress bar, as each call ends, not after all.
+            step = c.llm_batch_size if c.backend == "transformers" else len(pending)
+            order = list(pending)
+            for start in range(0, len(order), step):
+                part = {i: pending[i] for i in order[start : start + step]}
+                got = self._generate("llm", part, c.k, self._sampling(attempt), self.llm.generate)
+                for i, texts in got.items():
+                    if isinstance(texts, LLMError):
+                        results[i] = Drop("llm_error", str(texts))
+                        del valid[i]
+                        continue
+                    grounding = " ".join(filter(None, (rows[i].get("keyword_prompt"),
+                                                       (captions.get(i) or [""])[0])))
+                    self._collect(rows[i], "llm", attempt, texts, rows[i].get("keyword_prompt"), valid[i],
+                                  reasons[i], c.k, grounding)
+                self._report(i for i in part if i not in valid or len(valid[i]) >= c.k or last)
         return self._finish(valid, reasons, results, "narrative_invalid")
 
     def _collect(self, row: dict[str, Any], kind: str, attempt: int, texts: list[str], keyword_prompt: str | None,

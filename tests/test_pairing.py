@@ -122,6 +122,20 @@ def test_the_cache_prevents_regeneration(tmp_path: Path) -> None:
         assert len(server.requests) == 10  # other sampling parameters: a different request
 
 
+def test_a_local_model_reports_rows_as_each_generate_call_ends(tmp_path: Path) -> None:
+    """The demo's pair sat at 0/21 rows for minutes: one generate() over the whole batch. Now rows are judged and
+    reported as each llm_batch_size call ends."""
+    model = write_tiny_llm(tmp_path / "llm")
+    kw = {"model": str(model), "k": 1, "max_new_tokens": 6, "max_retries": 0, "min_words": 1, "banned_terms": [],
+          "llm_batch_size": 2}
+    stage = PairConfig(**kw).build()
+    reports: list[int] = []
+    stage.on_rows = reports.append
+    out = stage.process_batch(rows(7))
+    assert reports == [2, 2, 2, 1] and stage.llm.calls == 4
+    assert out == PairConfig(**kw).build().process_batch(rows(7))  # deterministic
+
+
 def test_transformers_backend_with_a_tiny_llama_is_deterministic_and_cached(tmp_path: Path) -> None:
     model = write_tiny_llm(tmp_path / "llm")
     kw = {"model": str(model), "k": 2, "max_new_tokens": 8, "max_retries": 1, "min_words": 1,
