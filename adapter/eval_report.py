@@ -255,18 +255,13 @@ def grid_image(columns: list[str], rows: list[GridRow], cell: int = 96, label_wi
     """The same grid as one PIL image (for Markdown pages): small images scaled up without smoothing."""
     from PIL import Image, ImageDraw, ImageFont
 
+    from adapter.inference import wrap_text
+
     font = ImageFont.load_default(size=11)
     line = 14
 
     def wrap(text: str, width: int) -> list[str]:
-        words, lines = text.split(), [""]
-        for word in words:
-            trial = f"{lines[-1]} {word}".strip()
-            if font.getlength(trial) <= width or not lines[-1]:
-                lines[-1] = trial
-            else:
-                lines.append(word)
-        return lines
+        return wrap_text(text, font, width)
 
     column = cell + 16
     header = [wrap(c, column - 6) for c in columns]

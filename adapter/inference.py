@@ -214,7 +214,8 @@ def generate(pipe: Any, prompt: str, adapter: Any = None, *, seed: int = 0, step
                            adapt_unconditional=adapt_unconditional, on_step=on_step)[0]
 
 
-def _wrap(text: str, font: Any, width: int) -> list[str]:
+def wrap_text(text: str, font: Any, width: int) -> list[str]:
+    """`text` in lines at most `width` pixels wide in `font` (a word longer than that gets a line of its own)."""
     lines = [""]
     for word in text.split():
         trial = f"{lines[-1]} {word}".strip()
@@ -240,7 +241,7 @@ def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[st
     # A column is as wide as its image or its label, whichever is wider (a 32 px image under `adapter (sur)`).
     column = max([w] + [round(font.getlength(label)) + 2 * pad for label in column_labels])
     top = line + 2 * pad if column_labels else 0
-    wrapped = [_wrap(label, font, label_width - 2 * pad) for label in row_labels]
+    wrapped = [wrap_text(label, font, label_width - 2 * pad) for label in row_labels]
     heights = [max(h, line * len(lines) + 2 * pad) + pad for lines in wrapped]
     columns = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_width + column * columns, top + sum(heights)), "white")

@@ -354,7 +354,7 @@ def test_the_bar_moves_row_by_row_inside_a_shard_on_ray(
 ) -> None:
     """As on the local executor (tests/test_progress.py): rows finished inside a shard reach the driver's bar."""
     from openai_server import FakeOpenAI
-    from test_progress import LINE, _collect, _slow_retry
+    from test_progress import _collect, _counts, _slow_retry
 
     from surd.pair import PairConfig
 
@@ -366,8 +366,6 @@ def test_the_bar_moves_row_by_row_inside_a_shard_on_ray(
                             batch_size=6, max_retries=1, min_words=1, num_cpus=0.5)
         stats = run_stage_ray(run, "pair", config, progress=True)
     assert stats["kept"] == 12
-    lines = [LINE.match(line) for line in capsys.readouterr().err.splitlines() if line.startswith("[surd] pair")]
-    assert lines and all(lines)
-    counts = [int(m["done"]) for m in lines]  # type: ignore[index]
+    counts = _counts(capsys.readouterr().err)
     assert counts == sorted(counts) and counts[-1] == 12
     assert set(counts) - {0, 6, 12}, counts  # a count inside a shard: rows reported before their shard ended
