@@ -22,6 +22,7 @@ from adapter.experiment.world import (
     ATTRIBUTES,
     CENTRE,
     COLOURS,
+    SIDE,
     combinations,
     is_held_out,
     render,
@@ -38,7 +39,7 @@ def _words(text: str) -> set[str]:
 
 def test_the_held_out_set_asks_for_new_combinations_of_pairs_all_seen_in_training() -> None:
     seen, held_out = split_combinations()
-    assert len(seen) + len(held_out) == len(combinations()) == 96 and len(held_out) == 24
+    assert len(seen) + len(held_out) == len(combinations()) == 48 and len(held_out) == 12
     assert all(is_held_out(a) for a in held_out) and not any(is_held_out(a) for a in seen)
     names = list(ATTRIBUTES)
     for i, first in enumerate(names):
@@ -46,7 +47,7 @@ def test_the_held_out_set_asks_for_new_combinations_of_pairs_all_seen_in_trainin
             for a in ATTRIBUTES[first]:
                 for b in ATTRIBUTES[second]:
                     together = sum(c[first] == a and c[second] == b for c in seen)
-                    assert together >= 4, (first, a, second, b)  # every pair is seen, several times over
+                    assert together >= 2, (first, a, second, b)  # every pair is seen, more than once
     assert {frozenset(a.items()) for a in held_out}.isdisjoint({frozenset(a.items()) for a in seen})
 
 
@@ -81,19 +82,12 @@ def test_renders_show_their_colour_and_position() -> None:
         pixels = np.asarray(render(attributes, rng)).astype(float)
         saturation = np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2)
         ys, xs = np.nonzero(saturation > 40)
-        centre = (xs.mean() / 32, ys.mean() / 32)
+        centre = (xs.mean() / SIDE, ys.mean() / SIDE)
         nearest = min(CENTRE, key=lambda p: (CENTRE[p][0] - centre[0]) ** 2 + (CENTRE[p][1] - centre[1]) ** 2)
         assert nearest == attributes["position"], attributes
         mean = pixels[saturation > 40].mean(axis=0)
         colour = min(COLOURS, key=lambda c: float(((np.array(COLOURS[c]) - mean) ** 2).sum()))
         assert colour == attributes["colour"], attributes
-    def area(attributes: dict[str, str]) -> int:
-        pixels = np.asarray(render(attributes, rng)).astype(float)
-        return int((np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2) > 40).sum())
-
-    small = [area({**a, "size": "small"}) for a in combinations() * 3]
-    large = [area({**a, "size": "large"}) for a in combinations() * 3]
-    assert max(small) < min(large)  # whatever the shape: size is readable from the picture alone
 
 
 def test_the_dataset_holds_seen_combinations_only_and_the_prompt_sets_their_own(tmp_path: Path) -> None:
@@ -105,13 +99,18 @@ def test_the_dataset_holds_seen_combinations_only_and_the_prompt_sets_their_own(
     for line in lines:
         key = tuple(sorted(line["attributes"].items()))
         counts[key] = counts.get(key, 0) + 1
-    assert len(counts) == 72 and max(counts.values()) - min(counts.values()) <= 1  # every seen combination, evenly
+    assert len(counts) == 36 and max(counts.values()) - min(counts.values()) <= 1  # every seen combination, evenly
+    by_combination: dict[tuple, set[str]] = {}
+    for line in lines:
+        by_combination.setdefault(tuple(sorted(line["attributes"].items())), set()).add(line["text"])
+    assert max(len(texts) for texts in by_combination.values()) <= 4  # each from its pool of 4 narratives
+    assert len({line["text"] for line in lines}) > 36 and len({line["prompt"] for line in lines}) > 150
     paths = write_prompt_sets(tmp_path / "prompts", 30, seed=2)
     seen = yaml.safe_load(paths["seen"].read_text())["probes"]
     held = yaml.safe_load(paths["held-out"].read_text())["probes"]
     assert len(seen) == len(held) == 30
     assert not any(is_held_out(p["attributes"]) for p in seen) and all(is_held_out(p["attributes"]) for p in held)
-    assert len({tuple(sorted(p["attributes"].items())) for p in held}) == 24  # 30 prompts cover all 24 combinations
+    assert len({tuple(sorted(p["attributes"].items())) for p in held}) == 12  # 30 prompts cover all 12 combinations
     assert prompt_set("x", split_combinations()[0], 5, seed=9) == prompt_set("x", split_combinations()[0], 5, seed=9)
 
 

@@ -1,7 +1,7 @@
 """The world's Stable Diffusion: a small VAE, a small UNet with cross-attention, a frozen random CLIP text encoder
 and a DDIM scheduler, trained here and saved as a diffusers `StableDiffusionPipeline` folder.
 
-    VAE      AutoencoderKL, 32 px -> 8x8x4 latents; reconstruction + a small KL term; `scaling_factor` set
+    VAE      AutoencoderKL, 16 px -> 8x8x4 latents; reconstruction + a small KL term; `scaling_factor` set
              from the latents' spread (what SD's 0.18215 is)
     text     CLIPTextModel, random and frozen (as SD's is frozen); the tokenizer is CLIP's BPE, first merges
     UNet     UNet2DConditionModel, cross-attention in every block, trained on (image, caption) with the
@@ -15,6 +15,7 @@ weights, the fine-tune control on narrative prompts (the same data the adapters 
 from __future__ import annotations
 
 import io
+import math
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,9 @@ from PIL import Image
 TOKENIZER_MERGES = 10_000  # whole words for the world's vocabulary; the table stays small
 MAX_TOKENS = 48  # the longest cleaned keyword prompt is ~40 tokens
 TEXT_DIM = 64
+# Share of training timesteps drawn from the noisier half, where the layout and colour (this world's attributes)
+# are decided: with uniform timesteps 150 steps left the base at chance even on keyword prompts.
+HIGH_NOISE = 0.7
 
 
 @dataclass
@@ -36,7 +40,7 @@ class Schedule:
     """Optimiser steps, batch and learning rate of one training."""
 
     steps: int
-    batch_size: int = 64
+    batch_size: int = 32
     learning_rate: float = 1e-3
     seed: int = 0
 
@@ -74,8 +78,8 @@ def build_vae(seed: int = 0) -> Any:
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32), sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), sample_size=16,
     )
 
 
@@ -170,6 +174,9 @@ def train_unet(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, images: t
     empty = unique.index("")
     unet.train().requires_grad_(True)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=schedule.learning_rate, weight_decay=1e-2)
+    # cosine decay to a tenth: a high rate learns the prompt's attributes in few steps, the decay settles the weights
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, schedule.steps) / schedule.steps)))
     generator = torch.Generator().manual_seed(schedule.seed)
     rng = random.Random(schedule.seed)
     started = time.perf_counter()
@@ -185,6 +192,7 @@ def train_unet(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, images: t
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimiser.step()
+        decay.step()
         if step % 100 == 0 or step == schedule.steps:
             log(f"unet step {step}/{schedule.steps}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
     return unet.eval().requires_grad_(False)

@@ -39,12 +39,15 @@ export:
 """
 
 
-def write_images(folder: Path, n: int, seed: int) -> int:
-    """`n` renders of seen combinations (each combination equally often) in the imagefolder layout."""
+def write_images(folder: Path, n: int, seed: int, narratives: int = 4) -> int:
+    """`n` renders of seen combinations (each combination equally often) in the imagefolder layout; each
+    combination's narrative is one of `narratives` sentences written for it (the teacher, SmolLM2, reads every
+    distinct narrative once: their number, not `n`, sets its cost), its keyword prompt always a new one."""
     import io
 
     rng = random.Random(seed)
     seen, _ = split_combinations()
+    pool = {_key(a): [narrative_prompt(a, rng) for _ in range(narratives)] for a in seen}
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, attributes in enumerate(cycle(seen, n, rng)):
@@ -52,10 +55,14 @@ def write_images(folder: Path, n: int, seed: int) -> int:
         buffer = io.BytesIO()
         render(attributes, rng).save(buffer, format="PNG")
         atomic_write_bytes(folder / name, buffer.getvalue())
-        lines.append(json.dumps({"file_name": name, "text": narrative_prompt(attributes, rng),
+        lines.append(json.dumps({"file_name": name, "text": rng.choice(pool[_key(attributes)]),
                                  "prompt": keyword_prompt(attributes, rng), "attributes": attributes}))
     atomic_write_bytes(folder / "metadata.jsonl", ("\n".join(lines) + "\n").encode())  # last: the folder is whole
     return n
+
+
+def _key(attributes: Attributes) -> tuple[str, ...]:
+    return tuple(attributes.values())
 
 
 def build_dataset(images: Path, recipe_path: Path, run: Path, progress: bool = False) -> dict[str, Any]:

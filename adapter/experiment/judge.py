@@ -26,6 +26,7 @@ from adapter.eval_scores import Metric
 from surd.errors import SurdError
 
 WEIGHTS, CONFIG = "judge.safetensors", "judge.json"
+SIDE = 32  # the judge's input; the world's 16 px images are upscaled to it (`judge_input`)
 
 
 class AttributeNet(nn.Module):
@@ -49,8 +50,9 @@ class AttributeNet(nn.Module):
 
     @torch.no_grad()
     def read(self, pixels: torch.Tensor, batch_size: int = 256) -> list[dict[str, str]]:
-        """The attribute values the judge sees in each image ([N, 3, 32, 32] in [-1, 1])."""
+        """The attribute values the judge sees in each image ([N, 3, H, W] in [-1, 1])."""
         self.eval()
+        pixels = judge_input(pixels)
         out: list[dict[str, str]] = []
         for start in range(0, len(pixels), batch_size):
             logits = self(pixels[start : start + batch_size])
@@ -58,6 +60,13 @@ class AttributeNet(nn.Module):
             out += [{name: self.attributes[name][choices[name][i]] for name in self.attributes}
                     for i in range(len(choices[next(iter(self.attributes))]))]
         return out
+
+
+def judge_input(pixels: torch.Tensor) -> torch.Tensor:
+    """Images of any side ([N, 3, H, W] in [-1, 1]) as the judge reads them: 32 x 32, bilinear."""
+    if pixels.shape[-1] == SIDE and pixels.shape[-2] == SIDE:
+        return pixels
+    return nn.functional.interpolate(pixels, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
 
 
 def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -72,7 +81,7 @@ def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def train_judge(images: torch.Tensor, labels: list[dict[str, str]], attributes: dict[str, list[str]], steps: int,
                 batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0,
                 log: Callable[[str], None] = print) -> AttributeNet:
-    """Fit the judge to `images` ([N, 3, 32, 32] in [-1, 1]) and their true attribute `labels`."""
+    """Fit the judge to `images` ([N, 3, H, W] in [-1, 1]) and their true attribute `labels`."""
     torch.manual_seed(seed)
     net = AttributeNet(attributes).train()
     targets = {name: torch.tensor([values.index(label[name]) for label in labels])
@@ -86,7 +95,7 @@ def train_judge(images: torch.Tensor, labels: list[dict[str, str]], attributes: 
         if len(order) < batch_size:
             order += rng.sample(range(len(images)), len(images))
         index, order = torch.tensor(order[:batch_size]), order[batch_size:]
-        logits = net(_augment(images[index], generator))
+        logits = net(_augment(judge_input(images[index]), generator))
         loss = sum(nn.functional.cross_entropy(logits[name], targets[name][index]) for name in attributes)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +152,7 @@ class AttributeJudge:
         images = []
         for record in judged:
             with Image.open(record["path"]) as image:
-                images.append(image.convert("RGB").resize((32, 32), Image.BILINEAR))
+                images.append(image.convert("RGB"))
         readings = iter(self.net.read(pixels(images)) if images else [])
         out = []
         for record in records:

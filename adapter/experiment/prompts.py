@@ -1,10 +1,10 @@
 """The two ways of saying a scene, as SURD has them, both written from the scene's true attributes.
 
-Keyword prompt, the community's style: the attribute words (`red`, `circle`, `small`, `left`) in any order,
+Keyword prompt, the community's style: the attribute words (`red`, `circle`, `left`) in any order,
 some weighted (`(red:1.2)`, `((circle))`), mixed with quality tags, style words and an artist name. The
 clean stage turns the weights into plain words, as it does for real prompts.
 
-Narrative prompt, plain speech with *different words*: synonyms (`crimson`, `ball`, `tiny`), other sentence
+Narrative prompt, plain speech with *different words*: synonyms (`crimson`, `ball`), other sentence
 orders, and positions said as compass directions or relative to the empty space ("with open space to its
 east" is an object on the left). No attribute word of the keyword vocabulary appears in a narrative prompt
 (tested), so a model that learnt only keywords cannot read one.
@@ -34,10 +34,6 @@ NARRATIVE_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
         "square": ("box", "block", "tile", "cube", "four-cornered slab"),
         "triangle": ("pyramid", "wedge", "three-cornered shape", "arrowhead", "tent shape"),
     },
-    "size": {
-        "small": ("tiny", "little", "wee", "petite", "miniature"),
-        "large": ("big", "huge", "giant", "chunky", "hefty"),
-    },
     "position": {
         "left": ("on the west side", "toward the west", "by the western edge", "with open space to its east"),
         "right": ("on the east side", "toward the east", "by the eastern edge", "with open space to its west"),
@@ -47,12 +43,12 @@ NARRATIVE_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 NARRATIVE_TEMPLATES = (
-    "{a_size} {colour} {shape} {position}",
-    "{Position}, there is {a_size} {colour} {shape}",
-    "there's {a_colour} {shape} {position}, and it is {size}",
-    "{a_shape}, {colour} and {size}, sits {position}",
-    "picture {a_size} {shape} painted {colour}, {position}",
-    "just {a_colour} {shape} {position}; it looks {size}",
+    "{a_colour} {shape} {position}",
+    "{Position}, there is {a_colour} {shape}",
+    "there's {a_shape} {position}, and it is {colour}",
+    "{a_shape}, {colour} all over, sits {position}",
+    "picture {a_shape} painted {colour}, {position}",
+    "just {a_colour} {shape} {position}, nothing else",
 )
 
 
@@ -71,9 +67,9 @@ def _weighted(tag: str, rng: random.Random) -> str:
 
 def keyword_prompt(attributes: Attributes, rng: random.Random) -> str:
     """A raw community-style prompt: attribute tags (some weighted), quality tags, style words, maybe an artist."""
-    tags = [attributes["colour"], attributes["shape"], attributes["size"], attributes["position"]]
+    tags = [attributes["colour"], attributes["shape"], attributes["position"]]
     if rng.random() < 0.4:  # "red circle" as one tag, as people often write it
-        tags = [f"{attributes['colour']} {attributes['shape']}", attributes["size"], attributes["position"]]
+        tags = [f"{attributes['colour']} {attributes['shape']}", attributes["position"]]
     tags = [_weighted(t, rng) for t in tags]
     tags += [_weighted(t, rng) for t in rng.sample(QUALITY, rng.randint(2, 4))]
     tags += rng.sample(STYLE, rng.randint(0, 2))

@@ -89,7 +89,7 @@ def train_base(exp: Path, run: Path, settings: Settings, log: Log) -> dict[str, 
 
     samples = _train_samples(run)
     images = base_model.pixels([s.image for s in samples])
-    vae = base_model.train_vae(images, base_model.Schedule(settings.vae_steps, batch_size=32, learning_rate=2e-3),
+    vae = base_model.train_vae(images, base_model.Schedule(settings.vae_steps, batch_size=32, learning_rate=3e-3),
                                log=log)
     with torch.no_grad():
         sample = images[:256]
@@ -97,7 +97,8 @@ def train_base(exp: Path, run: Path, settings: Settings, log: Log) -> dict[str, 
     tokenizer = base_model.build_tokenizer()
     text_encoder = base_model.build_text_encoder(tokenizer)
     unet = base_model.train_unet(base_model.build_unet(), vae, tokenizer, text_encoder, images,
-                                 [s.keyword for s in samples], base_model.Schedule(settings.base_steps), log=log)
+                                 [s.keyword for s in samples], base_model.Schedule(settings.base_steps, 32, 3e-3),
+                                 high_noise=base_model.HIGH_NOISE, log=log)
     base_model.save_pipeline(exp / "models" / "base", vae, tokenizer, text_encoder, unet)
     return {"train_images": len(samples), "vae_reconstruction_mse": round(error, 5)}
 
@@ -111,7 +112,8 @@ def train_finetune(exp: Path, run: Path, settings: Settings, log: Log) -> dict[s
     images = base_model.pixels([s.image for s in samples])
     unet = base_model.train_unet(pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, images,
                                  [s.narrative for s in samples],
-                                 base_model.Schedule(settings.finetune_steps, learning_rate=5e-4, seed=1), log=log)
+                                 base_model.Schedule(settings.finetune_steps, 32, 1e-3, seed=1),
+                                 high_noise=base_model.HIGH_NOISE, log=log)
     base_model.save_pipeline(exp / "models" / "finetune", pipe.vae, pipe.tokenizer, pipe.text_encoder, unet)
     return {"train_images": len(samples)}
 
@@ -154,19 +156,28 @@ def train_and_check_judge(exp: Path, settings: Settings, log: Log) -> dict[str, 
     return result
 
 
-def build_teacher(run: Path) -> dict[str, Any]:
-    """The teacher vectors `surd train` needs, built by the same function (`surd teacher`), into the same cache;
-    with the per-token states too where the toolkit keeps them (the connector reads them, and the empty caption's
-    for caption dropout), so no kind makes a second pass of the LLM over the narratives."""
-    from adapter.teacher import build_teacher_cache
+def build_teacher(exp: Path, run: Path) -> dict[str, Any]:
+    """The teacher vectors `surd train` needs, in the cache it reads, made by the toolkit's own function
+    (`surd teacher`'s `build_teacher_cache`) over each *distinct* narrative once: a cache keyed by the text alone
+    (`EXP/teacher/`, kept across reruns), copied to every sample that carries the text. With the per-token states
+    too where the toolkit keeps them (the connector reads them, and the empty caption's for caption dropout), so
+    no kind makes a second pass of the LLM."""
+    from adapter.teacher import build_teacher_cache, describe_teacher, teacher_cache, tokens_key, vector_key
 
     samples = _train_samples(run)
-    items = [(s.id, s.narrative) for s in samples]
     tokens = "keep_tokens" in inspect.signature(build_teacher_cache).parameters
+    texts = sorted({s.narrative for s in samples} | ({""} if tokens else set()))
+    text_id = {t: "" if t == "" else "text-" + hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts}
     extra: dict[str, Any] = {"keep_tokens": True} if tokens else {}
-    _, computed = build_teacher_cache(items + ([("", "")] if tokens else []), layout.cache_dir(run), TEACHER,
-                                      TEACHER_LAYER, "mean", batch_size=32, **extra)
-    return {"texts": len(samples), "computed": computed, "tokens": tokens}
+    by_text, computed = build_teacher_cache([(text_id[t], t) for t in texts], exp / "teacher", TEACHER,
+                                            TEACHER_LAYER, "mean", batch_size=64, **extra)
+    per_sample = teacher_cache(layout.cache_dir(run), describe_teacher(TEACHER), TEACHER_LAYER, "mean")
+    keys = [vector_key] + ([tokens_key] if tokens else [])
+    wanted = [(s.id, s.narrative) for s in samples] + ([("", "")] if tokens else [])
+    entries = {key(i, t): by_text.get(key(text_id[t], t)) for i, t in wanted for key in keys
+               if key(i, t) not in per_sample}
+    per_sample.add(entries)
+    return {"texts": len(samples), "distinct": len(texts), "computed": computed, "tokens": tokens}
 
 
 def train_adapter(exp: Path, run: Path, kind: str, settings: Settings) -> dict[str, Any]:
@@ -177,7 +188,7 @@ def train_adapter(exp: Path, run: Path, kind: str, settings: Settings) -> dict[s
     out = exp / "adapters" / kind
     config = TrainConfig(
         data=str(run), base=str(exp / "models" / "base"), llm=TEACHER, layer=TEACHER_LAYER, out=str(out),
-        resolution=32, random_flip=False,  # a flip would swap left and right: position is an attribute here
+        resolution=world.SIDE, random_flip=False,  # a flip would swap left and right: position is an attribute here
         batch_size=settings.adapter_batch, max_steps=settings.adapter_steps,
         learning_rate=settings.adapter_learning_rate, mixed_precision="no", gradient_checkpointing=False,
         checkpoint_every=0, validation_every=0, tensorboard=False, teacher_batch_size=32,
@@ -199,7 +210,8 @@ def evaluate(exp: Path, settings: Settings, kinds: list[str], prompt_sets: dict[
         base=str(exp / "models" / "base"), adapters={kind: exp / "adapters" / kind for kind in kinds},
         scorer="attributes", judge=str(exp / "models" / "judge"), probes=[str(p) for p in prompt_sets.values()],
         seeds=list(range(settings.seeds)), steps=settings.inference_steps, guidance_scale=[settings.guidance],
-        height=32, width=32, batch_size=64, device="cpu", llm=TEACHER, finetune=str(exp / "models" / "finetune"),
+        height=world.SIDE, width=world.SIDE, batch_size=64, device="cpu", llm=TEACHER,
+        finetune=str(exp / "models" / "finetune"),
     )
     return run_eval(config, exp / "eval", progress=progress)
 
@@ -213,8 +225,10 @@ def run_experiment(exp: Path, settings: Settings, progress: bool = True, log: Lo
     steps = Steps(exp, log)
     run = exp / "run"
     images = exp / "world" / "images"
-    steps.run("world", {"samples": settings.samples, "code": _source(world, prompts)}, images.parent,
-              lambda: {"images": dataset.write_images(images, settings.samples, seed=0)})
+    steps.run("world", {"samples": settings.samples, "narratives": settings.narratives,
+                        "code": _source(world, prompts, dataset)}, images.parent,
+              lambda: {"images": dataset.write_images(images, settings.samples, seed=0,
+                                                      narratives=settings.narratives)})
     splits = steps.run("dataset", {"world": steps.keys["world"], "recipe": dataset.RECIPE}, run,
                        lambda: {"splits": dataset.build_dataset(images, exp / "recipe.yaml", run, progress=False)})
     base = steps.run("base", {"dataset": steps.keys["dataset"], "vae": settings.vae_steps,
@@ -227,7 +241,7 @@ def run_experiment(exp: Path, settings: Settings, progress: bool = True, log: Lo
     prompt_sets = dataset.write_prompt_sets(exp / "prompts", settings.eval_prompts, seed=7)
     steps.run("teacher", {"dataset": steps.keys["dataset"], "llm": TEACHER, "layer": TEACHER_LAYER,
                          "code": _source(build_teacher)}, None,
-              lambda: build_teacher(run))
+              lambda: build_teacher(exp, run))
     kinds = adapter_kinds()
     adapters = {}
     for kind in kinds:

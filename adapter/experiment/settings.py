@@ -15,6 +15,7 @@ from typing import Any
 class Settings:
     name: str
     samples: int  # renders in the dataset (seen combinations only; 5% go to its test split)
+    narratives: int  # distinct narrative sentences per combination (the teacher reads each once)
     vae_steps: int
     base_steps: int  # UNet steps on (image, keyword prompt)
     judge_renders: int  # fresh renders of every combination the judge trains on (as many again check it)
@@ -35,15 +36,15 @@ class Settings:
         return self if seeds is None else replace(self, seeds=seeds)
 
 
-FULL = Settings(name="full", samples=2304, vae_steps=400, base_steps=1500, judge_renders=3072, judge_steps=600,
-                adapter_steps=400, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=400,
-                eval_prompts=48, seeds=4, inference_steps=15, guidance=4.0)
-QUICK = Settings(name="quick", samples=864, vae_steps=200, base_steps=500, judge_renders=1536, judge_steps=300,
-                 adapter_steps=100, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=100,
-                 eval_prompts=16, seeds=2, inference_steps=10, guidance=4.0)
+FULL = Settings(name="full", samples=1152, narratives=8, vae_steps=200, base_steps=2000, judge_renders=1536,
+                judge_steps=250, adapter_steps=200, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=200,
+                eval_prompts=24, seeds=4, inference_steps=10, guidance=4.0)
+QUICK = Settings(name="quick", samples=576, narratives=4, vae_steps=150, base_steps=1200, judge_renders=768,
+                 judge_steps=150, adapter_steps=60, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=60,
+                 eval_prompts=8, seeds=2, inference_steps=10, guidance=4.0)
 
 # Plumbing only (tests): every step and arm runs, nothing is trained long enough to be read; always INVALID.
-SMOKE = Settings(name="smoke", samples=48, vae_steps=2, base_steps=2, judge_renders=96, judge_steps=2,
+SMOKE = Settings(name="smoke", samples=48, narratives=1, vae_steps=2, base_steps=2, judge_renders=96, judge_steps=2,
                  adapter_steps=2, adapter_batch=8, adapter_learning_rate=1e-3, finetune_steps=2, eval_prompts=3,
                  seeds=2, inference_steps=2, guidance=4.0)
 

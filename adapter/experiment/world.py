@@ -2,12 +2,13 @@
 
     shape     circle | square | triangle
     colour    red | green | blue | yellow
-    size      small | large
     position  left | right | top | bottom     (where the object's centre sits)
 
-96 combinations. A quarter of them (24: those whose value indices sum to a multiple of 4) never reach any
+16 x 16 px: small enough that every model of the chain trains in seconds on a CPU core, large enough that the
+judge reads every attribute of every render (a `size` attribute did not fit: a small triangle is a few pixels).
+48 combinations. A quarter of them (12: those whose value indices sum to a multiple of 4) never reach any
 training set (the dataset, the base model, the adapters): the compositional held-out set. Every pair of values
-of any two attributes still appears in training (at least 4 of its 6 or 8 combinations), so a held-out prompt
+of any two attributes still appears in training (at least 2 of its 3 or 4 combinations), so a held-out prompt
 asks for a new combination of things each seen together, never for an unseen pair.
 """
 
@@ -26,11 +27,11 @@ COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 89, 220), 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": ("circle", "square", "triangle"),
     "colour": tuple(COLOURS),
-    "size": ("small", "large"),
     "position": ("left", "right", "top", "bottom"),
 }
 
-RADIUS = {"small": 0.13, "large": 0.26}  # half the object's extent, as a share of the image side
+SIDE = 16  # px
+RADIUS = 0.26  # half the object's extent, as a share of the image side
 CENTRE = {"left": (0.29, 0.5), "right": (0.71, 0.5), "top": (0.5, 0.29), "bottom": (0.5, 0.71)}
 SUPERSAMPLE = 4  # drawn 4x larger, then downsampled: anti-aliased edges, as a generator would produce
 
@@ -41,7 +42,7 @@ def chance(attribute: str) -> float:
 
 
 def combinations() -> list[Attributes]:
-    """All 96 attribute combinations, in a fixed order."""
+    """All 48 attribute combinations, in a fixed order."""
     names = list(ATTRIBUTES)
     return [dict(zip(names, values, strict=True)) for values in itertools.product(*ATTRIBUTES.values())]
 
@@ -66,15 +67,15 @@ def cycle(combos: list[Attributes], n: int, rng: random.Random) -> Iterator[Attr
         yield pool.pop()
 
 
-def render(attributes: Attributes, rng: random.Random, side: int = 32) -> Image.Image:
-    """One scene; position, size, colour and background jitter a little, the attributes never change."""
+def render(attributes: Attributes, rng: random.Random, side: int = SIDE) -> Image.Image:
+    """One scene; position, extent, colour and background jitter a little, the attributes never change."""
     big = side * SUPERSAMPLE
     tone = rng.randint(222, 246)
     image = Image.new("RGB", (big, big), (tone, tone, min(255, tone + rng.randint(-4, 4))))
     draw = ImageDraw.Draw(image)
     cx, cy = CENTRE[attributes["position"]]
     cx, cy = (cx + rng.uniform(-0.05, 0.05)) * big, (cy + rng.uniform(-0.05, 0.05)) * big
-    r = RADIUS[attributes["size"]] * rng.uniform(0.9, 1.1) * big
+    r = RADIUS * rng.uniform(0.9, 1.1) * big
     fill = tuple(max(0, min(255, c + rng.randint(-18, 18))) for c in COLOURS[attributes["colour"]])
     shape = attributes["shape"]
     if shape == "circle":
