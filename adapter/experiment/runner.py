@@ -174,7 +174,7 @@ def build_teacher(exp: Path, run: Path) -> dict[str, Any]:
     per_sample = teacher_cache(layout.cache_dir(run), describe_teacher(TEACHER), TEACHER_LAYER, "mean")
     keys = [vector_key] + ([tokens_key] if tokens else [])
     wanted = [(s.id, s.narrative) for s in samples] + ([("", "")] if tokens else [])
-    entries = {key(i, t): by_text.get(key(text_id[t], t)) for i, t in wanted for key in keys
+    entries = {key(i, t): by_text.get(key(text_id[t], t)).clone() for i, t in wanted for key in keys
                if key(i, t) not in per_sample}
     per_sample.add(entries)
     return {"texts": len(samples), "distinct": len(texts), "computed": computed, "tokens": tokens}
