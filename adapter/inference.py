@@ -54,8 +54,13 @@ class AdapterRuntime:
 
         if self.teacher is None:
             raise SurdError("the connector needs its LLM at inference (load the adapter with load_adapter)")
-        _, tokens = encode(self.teacher, list(prompts), self.layer, keep_tokens=True)
-        states, mask = pad_states(tokens)
+        # Each distinct non-empty prompt once (seeds repeat prompts); "" has no token in the LLM's tokenizer (as in
+        # training's empty caption), and a batch of "" alone has nothing to run the LLM on.
+        texts = list(dict.fromkeys(p for p in prompts if p))
+        _, tokens = encode(self.teacher, texts, self.layer, keep_tokens=True) if texts else (None, [])
+        by_text = dict(zip(texts, tokens or [], strict=True))
+        empty = torch.zeros(0, self.teacher.info.hidden_size)
+        states, mask = pad_states([by_text[p] if p else empty for p in prompts])
         return LLMBatch(None, states.to(device), mask.to(device))
 
 
