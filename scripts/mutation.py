@@ -13,6 +13,7 @@ no recorded tests, though: mutmut reports it as "no tests", counted here as not 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -83,6 +84,31 @@ def mutmut_config(group: dict) -> str:
     return "\n".join(lines)
 
 
+def tests_digest(group: dict) -> str:
+    """What the group's verdicts depend on besides the mutated code: its test files (and helpers) and settings."""
+    digest = hashlib.sha256(mutmut_config(group).encode())
+    files = {t.split("::")[0] for t in group["tests"]} | {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob(
+        "*.py") if not p.name.startswith("test_")}
+    for name in sorted(files):
+        digest.update(name.encode() + (ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def retest_survivors(work: Path, group: dict) -> None:
+    """Tests changed since the last run: forget which tests cover what, and retest every mutant not yet killed.
+
+    mutmut itself retests the mutants of changed functions, but keeps old verdicts when only tests change;
+    killed mutants stay killed (tests only ever get stronger here: no test may be weakened).
+    """
+    (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    for module in group["modules"]:
+        meta = work / "mutants" / (module + ".meta")
+        if meta.exists():
+            data = json.loads(meta.read_text())
+            data["exit_code_by_key"] = {k: (v if v in KILLED else None) for k, v in data["exit_code_by_key"].items()}
+            meta.write_text(json.dumps(data, indent=4))
+
+
 def run_group(name: str, group: dict, children: int, fresh: bool) -> dict:
     """Run mutmut for one group in `.mutation/<name>/`; returns its log path and wall time."""
     work = WORK / name
@@ -93,6 +119,9 @@ def run_group(name: str, group: dict, children: int, fresh: bool) -> dict:
     # PYTHONPATH names work/mutants: it must exist when Python starts, or the import system caches it as missing
     # for the whole run and the tests import the unmutated package instead (every mutant then shows "no tests").
     (work / "mutants").mkdir(exist_ok=True)
+    digest, digest_file = tests_digest(group), work / "tests.sha256"
+    if digest_file.exists() and digest_file.read_text() != digest:
+        retest_survivors(work, group)
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + mutmut_config(group))
     env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     log = work / "mutmut.log"
@@ -100,6 +129,7 @@ def run_group(name: str, group: dict, children: int, fresh: bool) -> dict:
     with open(log, "w") as out:
         rc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work,
                             env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    digest_file.write_text(digest)
     timing = {"rc": rc, "log": str(log), "wall_s": round(time.monotonic() - started),
               "load": round(os.getloadavg()[0], 1), "children": children}
     (work / "timing.json").write_text(json.dumps(timing))
