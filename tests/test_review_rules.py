@@ -135,8 +135,10 @@ def test_summary_counts_and_averages_only_multi_annotated_samples() -> None:
     votes = [_vote("a", "accepted"), Vote("t", "a", "rejected", None, None, T0), Vote("t", "b", "rejected", None,
              None, T0), Vote("u", "a", "edited", "x", None, T0), Vote("u", "b", "accepted", None, None, T0)]
     s = reviews.summary(reviews.resolve(votes))
-    assert s == {"reviewed": 3, "accepted": 1, "rejected": 1, "edited": 1, "multi_annotated": 2,
-                 "agreement": pytest.approx((1.0 + 0.5) / 2)}
+    assert s == {"reviewed": 3, "accepted": 1, "rejected": 1, "edited": 1, "multi_annotated": 2, "agreement": 0.75}
+    thirds = [Vote("t", n, d, None, None, T0) for n, d in (("a", "accepted"), ("b", "accepted"), ("c", "rejected"))]
+    halves = [Vote("u", "a", "accepted", None, None, T0), Vote("u", "b", "rejected", None, None, T0)]
+    assert reviews.summary(reviews.resolve(thirds + halves))["agreement"] == 0.5833  # (2/3 + 1/2) / 2, 4 places
     single = reviews.summary(reviews.resolve([_vote("a", "accepted")]))
     assert single["multi_annotated"] == 0 and single["agreement"] is None
 
@@ -149,14 +151,17 @@ def _applier(tmp_path: Path, votes: list[Vote]) -> ReviewApplier:
 
 def test_applier_counts_and_treats_an_empty_edit_as_an_accept(tmp_path: Path) -> None:
     applier = _applier(tmp_path, [Vote("e", "a", "edited", "", None, T0), Vote("r", "a", "rejected", None, None, T0),
-                                  Vote("k", "a", "accepted", None, None, T0)])
+                                  Vote("k", "a", "accepted", None, None, T0),
+                                  Vote("w", "a", "edited", "A human sentence.", None, T0)])
     row = {"id": "e", "narrative_prompt": "generated", "narrative_origin": "llm:m@1"}
     assert applier.process_row(row) == {**row, "review": "accepted"}  # set up on first use
     dropped = applier.process_row({"id": "r"})
     assert isinstance(dropped, Drop) and (dropped.reason, dropped.detail) == ("review_rejected", "")
     assert applier.process_row({"id": "k"}) == {"id": "k", "review": "accepted"}
     assert applier.process_row({"id": "unreviewed", "review": None}) == {"id": "unreviewed", "review": None}
-    assert applier.counters == {"review_accepted": 2, "review_rejected": 1}
+    assert applier.process_row({**row, "id": "w"}) == {"id": "w", "narrative_prompt": "A human sentence.",
+                                                      "narrative_origin": "human", "review": "edited"}
+    assert applier.counters == {"review_accepted": 2, "review_rejected": 1, "review_edited": 1}
 
 
 def test_write_reviews_is_deterministic_and_read_reviews_fills_optional_columns(tmp_path: Path) -> None:
@@ -175,8 +180,13 @@ def test_write_reviews_is_deterministic_and_read_reviews_fills_optional_columns(
 def test_read_reviews_names_unknown_decisions_and_unreadable_files(tmp_path: Path) -> None:
     odd = tmp_path / "odd.parquet"
     pq.write_table(pa.table({"id": ["x", "y"], "decision": ["maybe", "accepted"]}), odd)
-    with pytest.raises(SurdError, match=r"unknown decision\(s\) \['maybe'\]"):
+    expected = r"unknown decision\(s\) \['maybe'\]; expected one of accepted, rejected, edited$"
+    with pytest.raises(SurdError, match=expected):
         reviews.read_reviews(odd)
+    bare = tmp_path / "bare.parquet"
+    pq.write_table(pa.table({"annotator": ["a"]}), bare)
+    with pytest.raises(SurdError, match=r"missing column\(s\) id, decision$"):
+        reviews.read_reviews(bare)
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"not parquet at all")
     with pytest.raises(SurdError, match="cannot read reviews file"):
