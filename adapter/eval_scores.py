@@ -1,15 +1,22 @@
-"""CLIP scores of generated images: image vs narrative / keyword prompt, and zero-shot probe answers.
+"""Scorers of generated images, pluggable: `clip` (the default), `attributes`, or any `package.module:factory`.
 
-Scores are cosine similarities of L2-normalised open_clip embeddings (what SURD's `clip_*` columns hold).
-A probe is answered by the alternative with the highest similarity to the image, each alternative read as
-"a photo of <alternative>"; `p_correct` is the softmax probability (at CLIP's own logit scale) of the
-right one.
+A scorer is built as `factory(model, device=...)` and has `label`, `metrics` (what it writes into each record),
+`primary` (the metric that win rates and the wins-and-losses section rank by) and `score(records, bar)`, which
+returns the records with its metrics (and, optionally, a `reading` of the image and `reading_ok`) added.
+
+The `clip` scorer: cosine similarities of L2-normalised open_clip embeddings, image vs narrative / keyword
+prompt (what SURD's `clip_*` columns hold). A probe is answered by the alternative with the highest similarity
+to the image, each alternative read as "a photo of <alternative>"; `p_correct` is the softmax probability (at
+CLIP's own logit scale) of the right one. The `attributes` scorer is `surd experiment`'s trained judge
+(`adapter/experiment/judge.py`): it reads each attribute off the image and compares it with the prompt's truth.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -18,6 +25,53 @@ from surd.errors import SurdError
 from surd.models import OpenClip, load_open_clip
 
 TEXT_TEMPLATE = "a photo of {}"
+SCORERS = {"clip": "adapter.eval_scores:ClipEvalScorer", "attributes": "adapter.experiment.judge:AttributeJudge"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number per image: `column` of the scored record (default: `name`), shown as `label`."""
+
+    name: str
+    label: str
+    share: bool = False  # a 0/1 outcome, shown as a percentage
+    column: str | None = None
+
+    def value(self, record: dict[str, Any]) -> float | None:
+        value = record.get(self.column or self.name)
+        return None if value is None else float(value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Scorer(Protocol):
+    label: str
+    metrics: tuple[Metric, ...]
+    primary: str
+
+    def score(self, records: list[dict[str, Any]], bar: Any = None) -> list[dict[str, Any]]: ...
+
+
+def load_scorer(config: Any, device: str = "cpu") -> Scorer:
+    """The scorer an EvalConfig names (`clip` loads `config.clip`; any other loads `config.judge`)."""
+    target = SCORERS.get(config.scorer, config.scorer)
+    module, sep, name = target.partition(":")
+    if not sep:
+        raise SurdError(f"--scorer {config.scorer!r}: not one of {', '.join(SCORERS)} nor `package.module:factory`")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise SurdError(f"--scorer {config.scorer!r}: cannot import {target} ({e})") from None
+    return factory(config.clip if config.scorer == "clip" else config.judge, device=device)
+
+
+CLIP_METRICS = (
+    Metric("clip_narrative", "CLIP narrative"),
+    Metric("clip_keyword", "CLIP keyword"),
+    Metric("probe_accuracy", "probe accuracy", share=True, column="probe_correct"),
+    Metric("p_correct", "p(correct)"),
+)
 
 
 def _load_open_clip(spec: str, device: str) -> OpenClip:
@@ -32,6 +86,9 @@ def _load_open_clip(spec: str, device: str) -> OpenClip:
 
 class ClipEvalScorer:
     """Normalised image and text embeddings, texts cached (probe alternatives repeat across images)."""
+
+    metrics = CLIP_METRICS
+    primary = "clip_narrative"
 
     def __init__(self, spec: str, device: str = "cpu", batch_size: int = 32) -> None:
         clip = _load_open_clip(spec, device)
@@ -60,6 +117,9 @@ class ClipEvalScorer:
             features = self.model.encode_image(pixels.to(self.device, self.dtype)).float()
             out.append(torch.nn.functional.normalize(features, dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0)
+
+    def score(self, records: list[dict[str, Any]], bar: Any = None) -> list[dict[str, Any]]:
+        return score_images(self, records, bar)
 
     def _pixels(self, path: Path) -> torch.Tensor:
         with Image.open(path) as image:
@@ -93,7 +153,8 @@ def _scores(scorer: ClipEvalScorer, record: dict[str, Any], image: torch.Tensor)
         probs = torch.softmax(scorer.logit_scale * similarity, dim=0)
         choice = int(similarity.argmax())
         out.update(probe_choice=choice, probe_correct=choice == record["answer"],
-                   p_correct=float(probs[record["answer"]]))
+                   p_correct=float(probs[record["answer"]]), reading=alternatives[choice],
+                   reading_ok=choice == record["answer"])
     else:
-        out.update(probe_choice=None, probe_correct=None, p_correct=None)
+        out.update(probe_choice=None, probe_correct=None, p_correct=None, reading=None, reading_ok=None)
     return out

@@ -13,7 +13,8 @@ would use (SDXL's zeros for an empty negative prompt included).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,28 +24,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from adapter.base import base_mismatch, load_pipeline
 from adapter.kinds import LLMBatch, kind_of
 from adapter.model import CONFIG_NAME
 from adapter.text import PromptEncoder, TextBatch
 from surd.errors import SurdError
 from surd.models import precision_dtype, resolve_device, resolve_precision
 
-
-def load_pipeline(base: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """Any diffusers Stable Diffusion (1.x/2.x) or SDXL folder or hub id; safety checker and progress bars off."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    try:
-        name = DiffusionPipeline.load_config(base).get("_class_name", "")
-        if "XL" in name:
-            pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=dtype)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(base, dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise SurdError(f"--base {base!r}: cannot load a Stable Diffusion pipeline: {e}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device) if device is not None else pipe
+__all__ = ["AdapterRuntime", "base_mismatch", "compare", "generate", "generate_images", "labelled_grid",
+           "load_adapter", "load_pipeline"]
 
 
 @dataclass
@@ -164,10 +152,12 @@ def _unet_output(sample: torch.Tensor) -> Any:
 def generate_images(pipe: Any, adapter: Any, prompts: Sequence[str], seeds: Sequence[int] | None = None, *,
                     generators: Sequence[torch.Generator] | None = None, steps: int = 30,
                     guidance_scale: float = 7.5, negative_prompt: str = "", height: int | None = None,
-                    width: int | None = None, adapt_unconditional: bool = True) -> list[Image.Image]:
+                    width: int | None = None, adapt_unconditional: bool = True,
+                    on_step: Callable[[], None] | None = None) -> list[Image.Image]:
     """One image per prompt, for every kind and base (SD 1.x/2.x, SDXL). `adapter`: None (the base model), a
     module (sur/paper/reference) or an AdapterRuntime (any kind). Each image's noise comes from its own CPU
-    generator seeded with its seed, so it does not depend on the batch it landed in."""
+    generator seeded with its seed, so it does not depend on the batch it landed in. `on_step` is called after
+    every denoising step (diffusers' `callback_on_step_end`), e.g. to move a progress bar."""
     runtime = _runtime(adapter)
     encoder = PromptEncoder.of(pipe)
     if generators is None:
@@ -181,6 +171,8 @@ def generate_images(pipe: Any, adapter: Any, prompts: Sequence[str], seeds: Sequ
         uncond = encoder(negatives) if adapted_uncond else _unconditional(pipe, encoder, negatives, text)
     call = dict(generator=list(generators), num_inference_steps=steps, guidance_scale=guidance_scale,
                 height=height, width=width)
+    if on_step is not None:
+        call["callback_on_step_end"] = _step_callback(on_step)
     if runtime is not None and runtime.kind == "connector":
         # The pipeline stacks [negatives; prompts] under guidance; unadapted negative rows need no LLM states.
         rows = ([n if adapt_unconditional else "" for n in negatives] if cfg else []) + list(prompts)
@@ -195,6 +187,14 @@ def generate_images(pipe: Any, adapter: Any, prompts: Sequence[str], seeds: Sequ
     return pipe(**_embeds(text, uncond), **call).images
 
 
+def _step_callback(on_step: Callable[[], None]) -> Callable[..., dict[str, Any]]:
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        on_step()
+        return tensors  # diffusers reads the (unchanged) latents back from what the callback returns
+
+    return callback
+
+
 def _embeds(text: TextBatch, uncond: TextBatch | None) -> dict[str, Any]:
     out: dict[str, Any] = {"prompt_embeds": text.hidden, "negative_prompt_embeds": None if uncond is None else
                            uncond.hidden}
@@ -206,33 +206,82 @@ def _embeds(text: TextBatch, uncond: TextBatch | None) -> dict[str, Any]:
 
 def generate(pipe: Any, prompt: str, adapter: Any = None, *, seed: int = 0, steps: int = 30,
              guidance_scale: float = 7.5, negative_prompt: str = "", height: int | None = None,
-             width: int | None = None, adapt_unconditional: bool = True) -> Image.Image:
+             width: int | None = None, adapt_unconditional: bool = True,
+             on_step: Callable[[], None] | None = None) -> Image.Image:
     """One image; the same seed gives the same starting noise with and without the adapter."""
     return generate_images(pipe, adapter, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                            negative_prompt=negative_prompt, height=height, width=width,
-                           adapt_unconditional=adapt_unconditional)[0]
+                           adapt_unconditional=adapt_unconditional, on_step=on_step)[0]
 
 
-def side_by_side(rows: list[list[Image.Image]]) -> Image.Image:
-    """A grid: one row per prompt, columns as given (e.g. base | adapter)."""
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        trial = f"{lines[-1]} {word}".strip()
+        if font.getlength(trial) <= width or not lines[-1]:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    return lines
+
+
+def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
+                  column_labels: Sequence[str]) -> Image.Image:
+    """Images in rows and columns at the first image's size, each row labelled on its left (e.g. its prompt) and
+    each column on top (e.g. `base` | `adapter (sur)`), in PIL's default font. `grid.info["cells"][(row, column)]`
+    is where that image's top-left corner went."""
+    from PIL import ImageDraw, ImageFont
+
     w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
+    size = max(11, min(w, h) // 24)  # readable beside 32 px test images and 1024 px SDXL images alike
+    font = ImageFont.load_default(size=size)
+    line, pad = round(size * 1.25), max(4, size // 2)
+    label_width = max(w, 14 * size)
+    # A column is as wide as its image or its label, whichever is wider (a 32 px image under `adapter (sur)`).
+    column = max([w] + [round(font.getlength(label)) + 2 * pad for label in column_labels])
+    top = line + 2 * pad if column_labels else 0
+    wrapped = [_wrap(label, font, label_width - 2 * pad) for label in row_labels]
+    heights = [max(h, line * len(lines) + 2 * pad) + pad for lines in wrapped]
+    columns = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_width + column * columns, top + sum(heights)), "white")
+    draw = ImageDraw.Draw(grid)
+    for x, label in enumerate(column_labels):
+        draw.text((label_width + x * column + pad, pad), label, fill="black", font=font)
+    cells, y = {}, top
+    for r, (row, lines, height) in enumerate(zip(rows, wrapped, heights, strict=True)):
+        for n, text in enumerate(lines):
+            draw.text((pad, y + pad + n * line), text, fill="black", font=font)
         for x, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (x * w, y * h))
+            cells[(r, x)] = (label_width + x * column, y)
+            grid.paste(image.convert("RGB"), cells[(r, x)])
+        y += height
+    grid.info["cells"] = cells
     return grid
 
 
-def compare(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, **kwargs: Any) -> Image.Image:
-    """Base and adapter images for each prompt, same seed, side by side."""
-    rows = [[generate(pipe, p, None, seed=seed, **kwargs), generate(pipe, p, adapter, seed=seed, **kwargs)]
-            for p in prompts]
-    return side_by_side(rows)
+def arm_label(adapter: Any) -> str:
+    """What a grid's column calls an adapter: `adapter (<kind>)`."""
+    runtime = _runtime(adapter)
+    return "base" if runtime is None else f"adapter ({runtime.kind})"
 
 
-def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None) -> AdapterRuntime:
+def compare(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, on_step: Callable[[], None] | None = None,
+            **kwargs: Any) -> Image.Image:
+    """Base and adapter images for each prompt, same seed, in a grid labelled with the prompts and the arms."""
+    rows = [[generate(pipe, p, None, seed=seed, on_step=on_step, **kwargs),
+             generate(pipe, p, adapter, seed=seed, on_step=on_step, **kwargs)] for p in prompts]
+    return labelled_grid(rows, prompts, ["base", arm_label(adapter)])
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # sys.stderr looked up now: whatever stderr is at the time
+
+
+def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None,
+                 warn: Callable[[str], None] | None = _to_stderr) -> AdapterRuntime:
     """A trained adapter of any kind, checked against the pipeline's text width and moved to its device; for the
-    connector, its LLM too (`llm` overrides the one recorded at training)."""
+    connector, its LLM too (`llm` overrides the one recorded at training). `warn` hears one line when `pipe` is
+    not the base the adapter was trained on (generate, eval and Python callers alike; None: not checked)."""
     from adapter.kinds import load
 
     module = load(run_dir)
@@ -241,6 +290,10 @@ def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None) -> AdapterRun
     if module.dim != dim:
         raise SurdError(f"--adapter {run_dir}: trained for a {module.dim}-dim text encoder "
                         f"({saved.get('base_model', '?')}), but --base has {dim}")
+    name = getattr(pipe, "name_or_path", None) or "(this pipeline)"
+    mismatch = None if warn is None else base_mismatch(pipe, run_dir, name)
+    if mismatch:
+        warn(mismatch)
     module = module.to(pipe.device)
     if kind_of(module) != "connector":
         return AdapterRuntime(module)
@@ -259,14 +312,23 @@ def load_adapter(run_dir: Path, pipe: Any, llm: str | None = None) -> AdapterRun
 
 def generate_to_file(base: str, adapter_dir: Path, prompt: str, out: Path, *, seed: int = 0, side: bool = False,
                      steps: int = 30, guidance_scale: float = 7.5, negative_prompt: str = "",
-                     device: str | None = None, adapt_unconditional: bool = True, llm: str | None = None) -> Path:
-    """`surd generate`: write the adapter image (or base | adapter side by side) to `out`."""
+                     device: str | None = None, adapt_unconditional: bool = True, llm: str | None = None,
+                     base_config: str | None = None, progress: bool = False,
+                     warn: Callable[[str], None] | None = None) -> Path:
+    """`surd generate`: write the adapter image (or the labelled base | adapter grid) to `out`; `warn` hears
+    one line when `base` is not the model the adapter was trained on."""
+    from pipelines.progress import progress_bar
+
     device = resolve_device(device)
-    pipe = load_pipeline(base, device=device, dtype=precision_dtype(resolve_precision("auto", device)))
-    adapter = load_adapter(adapter_dir, pipe, llm)
+    pipe = load_pipeline(base, device=device, dtype=precision_dtype(resolve_precision("auto", device)),
+                         config=base_config)
+    adapter = load_adapter(adapter_dir, pipe, llm, warn=warn or _to_stderr)
     kwargs = dict(seed=seed, steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                   adapt_unconditional=adapt_unconditional)
-    image = compare(pipe, adapter, [prompt], **kwargs) if side else generate(pipe, prompt, adapter, **kwargs)
+    with progress_bar("generate", steps * (2 if side else 1), enabled=progress, unit="steps") as bar:
+        step = lambda: bar.advance(1)  # noqa: E731
+        image = (compare(pipe, adapter, [prompt], on_step=step, **kwargs) if side
+                 else generate(pipe, prompt, adapter, on_step=step, **kwargs))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

@@ -5,9 +5,11 @@ The frozen UNet, VAE and text encoder(s) stay in the weight dtype (bf16/fp16 und
 adapter and its projections train in fp32. One micro-batch's math is adapter/step.py. Run folder layout:
 
     <out>/train_config.json                 the validated TrainConfig
+    <out>/run.json                          what makes it this run: weight-shaping settings, dataset revision
+                                            (adapter/train_folder.py: refuse, resume, skip or clear --out)
     <out>/checkpoints/checkpoint-NNNNNNN/    `accelerator.save_state` (+ ema.safetensors, train_state.json last)
     <out>/logs/losses.csv, logs/adapter/     every loss term per optimiser step (CSV and TensorBoard)
-    <out>/validation/step-NNNNNNN.png        base | adapter, same seed, one row per validation prompt
+    <out>/validation/step-NNNNNNN.png        base | adapter (<kind>), same seed, a labelled row per prompt
     <out>/adapter.safetensors, adapter_config.json   the result
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -42,29 +45,29 @@ from adapter.kinds import LLMBatch, build
 from adapter.step import EmptyPrompt, compute_losses, prepare_frozen
 from adapter.teacher import build_teacher_cache, tokens_key
 from adapter.text import PromptEncoder
+from adapter.train_folder import (
+    Plan,
+    checkpoint_step,
+    clear,
+    find_checkpoint,
+    identity,
+    identity_fingerprint,
+    plan,
+    write_identity,
+)
+from pipelines.progress import progress_bar
 from surd import layout
 from surd.errors import SurdError
 from surd.models import precision_dtype, resolve_device, resolve_precision
 from surd.shards import atomic_write_json
 
-__all__ = ["build_adapter", "compute_losses", "prepare_frozen", "train"]
+__all__ = ["build_adapter", "compute_losses", "find_checkpoint", "prepare_frozen", "train", "training_plan"]
 LOSS_TERMS = ["loss", "diffusion", "llm", "prompt"]
 
 
 def default_cache_dir(data: Path) -> Path:
     """Caches live in the folder given as --data, shared by every training run on it (and `surd teacher`)."""
     return layout.cache_dir(data)
-
-
-def find_checkpoint(out: Path, resume: str) -> Path | None:
-    """`latest` -> the highest-step checkpoint in <out>/checkpoints (None if none); else that folder."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "train_state.json").is_file():
-            raise SurdError(f"--resume {resume}: not a checkpoint folder (no train_state.json)")
-        return path
-    done = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "train_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def _step_seed(seed: int, micro_batch: int, rank: int) -> int:
@@ -124,6 +127,24 @@ class _CsvLog:
             csv.DictWriter(f, fieldnames=["step", "lr", *LOSS_TERMS]).writerow(row)
 
 
+def _say(message: str | None) -> None:
+    # Before accelerate starts, the rank comes from the launcher's environment; one line from the main process.
+    if message and os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
+def _start(config: TrainConfig) -> tuple[Path, dict[str, Any], Plan]:
+    check_config(config)
+    data_dir = resolve_dataset(Path(config.data))
+    run = identity(config, dataset_revision(data_dir))
+    return data_dir, run, plan(config, run)  # refuses a folder holding another run before any data work
+
+
+def training_plan(config: TrainConfig) -> Plan:
+    """What `train(config)` would do with its folder (train, resume, skip; or a SurdError), without doing it."""
+    return _start(config)[2]
+
+
 def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None,
           progress: bool = True) -> Path:
     """Run (or resume) a training run; returns the run folder holding adapter.safetensors."""
@@ -131,8 +152,11 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
-    check_config(config)
+    data_dir, run, start = _start(config)
     out = Path(config.out)
+    if start.action == "skip":
+        _say(start.message)
+        return out
     precision = config.mixed_precision
     if precision == "auto":
         chosen = resolve_precision("auto", resolve_device("auto"))
@@ -140,11 +164,11 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation,
-        log_with="tensorboard" if config.tensorboard else None,
+        log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     try:
-        return _train(config, accelerator, out, on_step, progress)
+        return _train(config, accelerator, out, data_dir, run, start, on_step, progress)
     finally:
         accelerator.end_training()
         # Free the shared accelerate state, so a later run in this process may pick other settings.
@@ -152,24 +176,44 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
         GradientState._reset_state()
 
 
-def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable | None, progress: bool) -> Path:
+def _trackers(config: TrainConfig, accelerator: Any, out: Path, run: dict[str, Any]) -> None:
+    if config.report_to == "tensorboard":
+        accelerator.init_trackers("adapter", config=_flat(config))  # logs/adapter/: one run per folder
+    elif config.report_to == "wandb":
+        # One W&B run per training run: a resumed run continues it (its id comes from the folder and identity).
+        key = f"{out.resolve()}/{identity_fingerprint(run, resumable=True)}"
+        run_id = "surd-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        accelerator.init_trackers("surd-adapter", config=_flat(config), init_kwargs={"wandb": {
+            "dir": str(out / "logs"), "name": out.name, "id": run_id, "resume": "allow"}})
+
+
+def _train(config: TrainConfig, accelerator: Any, out: Path, data_dir: Path, run: dict[str, Any], start: Plan,
+           on_step: Callable | None, progress: bool) -> Path:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from adapter.inference import compare, load_pipeline
+    from adapter.base import base_fingerprint, load_pipeline
+    from adapter.inference import compare
 
-    data_dir = resolve_dataset(Path(config.data))
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir(Path(config.data))
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     device = accelerator.device
     main = accelerator.is_main_process
     kind, loss = config.adapter.kind, config.loss
+    if start.message:
+        accelerator.print(start.message)
     if main:
+        if start.clear:
+            clear(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "train_config.json", config.model_dump())
+        write_identity(out, run)
+    accelerator.wait_for_everyone()
 
-    pipe = prepare_frozen(load_pipeline(config.base, dtype=weight_dtype), device, config.gradient_checkpointing)
+    pipe = load_pipeline(config.base, dtype=weight_dtype, config=config.base_config)
+    base_id = base_fingerprint(pipe)
+    pipe = prepare_frozen(pipe, device, config.gradient_checkpointing)
     encoder = PromptEncoder.of(pipe)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     need_keyword = loss.prompt_weight > 0
@@ -227,19 +271,16 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
     adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
 
     step = 0
-    checkpoint = find_checkpoint(out, config.resume) if config.resume else None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+    if start.checkpoint is not None:
+        accelerator.load_state(str(start.checkpoint))
         if ema is not None:
-            ema.load(checkpoint)
-        step = json.loads((checkpoint / "train_state.json").read_text())["step"]
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
+            ema.load(start.checkpoint)
+        step = checkpoint_step(start.checkpoint)
     micro = step * config.gradient_accumulation
     batches.start_at(micro)  # the exact next sample, not the start of the epoch
 
     csv_log = _CsvLog(out / "logs" / "losses.csv", step) if main else None
-    if config.tensorboard:
-        accelerator.init_trackers("adapter", config=_flat(config))
+    _trackers(config, accelerator, out, run)
     prompts = config.validation_prompts or [s.narrative for s in read_samples(data_dir, "test", 2)] or \
         [s.narrative for s in samples[:2]]
     validation = None  # the adapter as inference sees it (the connector also needs its LLM), made on first use
@@ -281,8 +322,10 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
             _save_checkpoint(accelerator, out, step, config.checkpoints_keep, ema)
         if config.validation_every and (step % config.validation_every == 0 or step == config.max_steps) and main:
             validation = validation or _runtime(config, accelerator.unwrap_model(adapter), device)
-            image = compare(pipe, validation, prompts, seed=config.seed, steps=config.validation_steps,
-                            guidance_scale=config.guidance_scale)
+            with progress_bar(f"validation @ {step}", 2 * len(prompts) * config.validation_steps,
+                              enabled=progress and main, unit="steps") as denoising:
+                image = compare(pipe, validation, prompts, seed=config.seed, steps=config.validation_steps,
+                                guidance_scale=config.guidance_scale, on_step=lambda: denoising.advance(1))
             (out / "validation").mkdir(parents=True, exist_ok=True)
             image.save(out / "validation" / f"step-{step:07d}.png")
             adapter.train()
@@ -297,6 +340,9 @@ def _train(config: TrainConfig, accelerator: Any, out: Path, on_step: Callable |
             ema.copy_to(result)  # the averaged weights are the result
         extra = {
             "base_model": config.base,
+            "base_config": config.base_config,
+            "base_fingerprint": base_id,  # generate and eval warn when their base's differs
+            "run_fingerprint": identity_fingerprint(run),  # a recipe skips training when it is unchanged
             "text_dim": encoder.dim,
             "pooled_dim": encoder.pooled_dim,
             "teacher": {"model": config.llm, "layer": config.layer, "pooling": config.pooling,

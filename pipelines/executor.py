@@ -8,14 +8,19 @@ workers; the Ray executor maps the same `job.run` over a cluster.
 
 What a job writes for one shard goes through `commit` (kept rows, dropped rows, stats, then the marker last), and
 a row's `Drop` becomes a dropped record in `drop_records` alone. What an output folder was built from (input
-stage and shards, settings) is recorded once, in `<folder>/_fingerprint.json` (`check_fingerprint`).
+stage, its shards and fingerprint, the settings that shape the rows) is recorded in `<folder>/_fingerprint.json`
+(`pipelines.fingerprint`); `open_stage` compares it with what is asked now and rebuilds the stage, and every stage
+after it, when they differ (`invalidate`), saying why in one line.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import multiprocessing
 import shutil
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -27,10 +32,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.progress import progress_bar
+from pipelines import fingerprint
+from pipelines.progress import notice, progress_bar
 from surd import layout, shards
-from surd.errors import StageError, SurdError
-from surd.rows import Drop
+from surd.errors import StageError
+from surd.rows import Drop, RowProcessor
 from surd.schema import DROPPED_SCHEMA, SCHEMA, from_rows
 
 
@@ -58,10 +64,11 @@ def drop_records(items: list[Any], stage: str, inputs: list[dict[str, Any]] | No
 class Stage:
     """A named processor (see `surd.rows`) as the executors call it: Table batch -> (kept, dropped) Tables."""
 
-    def __init__(self, name: str, processor: Any, batch_size: int = 64) -> None:
+    def __init__(self, name: str, processor: Any, batch_size: int = 64, threads: int | None = None) -> None:
         self.name = name
         self.processor = processor
         self.batch_size = batch_size
+        self.threads = threads  # torch intra-op threads of a model stage, the same on every executor
         self._ready = False
 
     @property
@@ -74,10 +81,11 @@ class Stage:
             self.processor.plan(index)
 
     def setup(self) -> None:
-        """Load models once per worker; idempotent."""
+        """Load models once per worker, and pin torch's threads; idempotent."""
         if not self._ready:
             if hasattr(self.processor, "setup"):
                 self.processor.setup()
+            pin_threads(self.threads)
             self._ready = True
 
     def take_side_tables(self) -> dict[str, pa.Table]:
@@ -125,6 +133,40 @@ def _reporting(processor: Any, rows: int, on_rows: Callable[[int], None] | None)
         yield reported
     finally:
         processor.on_rows = None
+def model_threads(config: Any, processor: Any) -> int | None:
+    """How many intra-op threads a model stage computes with: its `num_cpus` (at least 1), on every executor.
+
+    Float sums in another order give other last digits, and a sampling LLM turns those into other words: the same
+    rows on the local and the Ray executor need the same thread count (Ray gives an actor `num_cpus` threads).
+    Stages without a model of their own (no `setup()`) are left alone.
+    """
+    setup = getattr(type(processor), "setup", None)
+    if setup is None or setup is RowProcessor.setup:
+        return None
+    return max(1, int(getattr(config, "num_cpus", 1)))
+
+
+def pin_threads(threads: int | None) -> int | None:
+    """Set torch's intra-op threads (if torch is in use); returns the count before, to restore it."""
+    if threads is None or "torch" not in sys.modules:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return before
+
+
+@contextmanager
+def threads_pinned(threads: int | None) -> Iterator[None]:
+    """torch's threads pinned for a block of this process (the parent: plans, a serial run), then restored."""
+    if threads is not None and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401  # a plan loads its model inside the block: pin before it computes
+    before = pin_threads(threads)
+    try:
+        yield
+    finally:
+        pin_threads(before)
 
 
 def commit(out: Path, rel: str, kept: pa.Table, dropped: pa.Table, rows_in: int, seconds: float,
@@ -135,16 +177,33 @@ def commit(out: Path, rel: str, kept: pa.Table, dropped: pa.Table, rows_in: int,
     return stats
 
 
-def check_fingerprint(folder: Path, record: dict[str, Any], error: type[SurdError],
-                      message: Callable[[dict[str, Any]], str]) -> None:
-    """Record what `folder` is built from, or refuse (`error(message(previous))`) if it was built from another."""
-    path = Path(folder) / layout.FINGERPRINT
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != record:
-            raise error(message(previous))
-    else:
-        shards.atomic_write_json(path, record)
+def discard(run_dir: Path, path: Path) -> None:
+    """Remove a folder so that no half-removed copy is ever read: renamed aside first (atomic), then deleted."""
+    path = Path(path)
+    remove_trash(run_dir)  # what an earlier discard, killed half-way, set aside
+    if not path.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=layout.TRASH_PREFIX, dir=run_dir))
+    path.rename(aside / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_trash(run_dir: Path) -> None:
+    """Folders a killed `discard` set aside."""
+    for path in Path(run_dir).glob(f"{layout.TRASH_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def invalidate(run_dir: Path, stage: str, reason: str, quiet: bool = False, who: str | None = None) -> list[str]:
+    """Remove the folders of `stage` and of every later stage (one line says why); returns the stages removed."""
+    run_dir = Path(run_dir)
+    later = [s for s in layout.STAGES[layout.STAGES.index(stage):] if layout.stage_dir(run_dir, s).exists()]
+    if not quiet and later:
+        shown = later if who is not None else [stage, *(s for s in later if s != stage)]
+        notice(f"{who or stage}: {reason}; rebuilding {', '.join(shown)}")
+    for name in later:
+        discard(run_dir, layout.stage_dir(run_dir, name))
+    return later
 
 
 def remove_stale_temp_files(folder: Path) -> None:
@@ -160,6 +219,12 @@ def input_stage(run_dir: Path, stage: str) -> str:
         if (layout.stage_dir(run_dir, prev) / shards.MANIFEST).exists():
             return prev
     raise StageError(f"{stage}: no finished earlier stage in {run_dir}; run `surd collect ... --out {run_dir}` first")
+
+
+def check_input(run_dir: Path, stage: str, source: str) -> None:
+    """`source` must be a finished stage before `stage`."""
+    if not (layout.stage_dir(run_dir, source) / shards.MANIFEST).exists():
+        raise StageError(f"{stage}: its input stage {source} is not finished in {run_dir}; run it first")
 
 
 class Job:
@@ -187,8 +252,24 @@ _WORKER_JOB: Job | None = None
 _WORKER_ROWS: Any = None  # a shared counter of rows finished, read by the parent's progress bar
 
 
+def _exit_with_parent() -> None:
+    """In a pool worker: exit as soon as the parent process is gone (killed with -9, nobody tells the pool)."""
+    import os
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # waits on the parent's sentinel: returns when the parent process has ended
+        os._exit(1)
+
+    threading.Thread(target=watch, name="surd-parent-watch", daemon=True).start()
+
+
 def _init_worker(job: Job, rows: Any) -> None:
     global _WORKER_JOB, _WORKER_ROWS
+    _exit_with_parent()
     _WORKER_JOB, _WORKER_ROWS = job, rows
     job.setup()
 
@@ -214,11 +295,12 @@ def run_job(job: Job, workers: int = 1, progress: bool = True, unit: str = "rows
     rows = unit == "rows"
     with progress_bar(job.label, job.total(), enabled=progress, unit=unit) as bar:
         if workers <= 1 or len(job.todo) <= 1:
-            job.setup()
-            for rel in job.todo:
-                job.run(rel, on_rows=bar.advance if rows else None)
-                if not rows:
-                    bar.advance(job.size(rel))
+            with threads_pinned(getattr(job, "threads", None)):  # restored for what this process does next
+                job.setup()
+                for rel in job.todo:
+                    job.run(rel, on_rows=bar.advance if rows else None)
+                    if not rows:
+                        bar.advance(job.size(rel))
             return
         # spawn, not fork: model stages hold torch/onnx thread pools that do not survive a fork.
         context = multiprocessing.get_context("spawn")
@@ -239,31 +321,42 @@ def run_job(job: Job, workers: int = 1, progress: bool = True, unit: str = "rows
 
 @dataclass
 class StageJob(Job):
-    """A processing stage over the previous stage's shards (what `open_stage` prepares)."""
+    """A processing stage over the previous stage's shards (what `open_stage` prepares).
+
+    `stage` is None when there is nothing left to process (`todo` empty): no model is loaded, no plan is made.
+    """
 
     name: str
-    stage: Stage
+    stage: Stage | None
     source: str
     src: Path
     out: Path
     todo: list[str] = field(default_factory=list)
+    up_to_date: bool = False  # finished before, with the same fingerprint: nothing to do, nothing to write
 
     @property
     def label(self) -> str:  # type: ignore[override]
         return f"{self.name} ({self.source} -> {self.name})"
 
+    @property
+    def threads(self) -> int | None:
+        return self.stage.threads if self.stage is not None else None
+
     def setup(self) -> None:
+        assert self.stage is not None
         self.stage.setup()
 
     def size(self, rel: str) -> int:
         return pq.read_metadata(shards.shard_path(self.src, rel)).num_rows
 
     def run(self, rel: str, on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
+        assert self.stage is not None
         return process_shard(self.stage, self.src, self.out, rel, on_rows)
 
-    def close(self) -> dict[str, Any]:
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the manifest (the stage is complete) and return its total stats."""
-        shards.write_manifest(self.out, self.name, extra={"input_stage": self.source})
+        if not self.up_to_date:
+            shards.write_manifest(self.out, self.name, extra={"input_stage": self.source, **(extra or {})})
         return shards.stage_stats(self.out)
 
 
@@ -290,36 +383,51 @@ def process_shard(stage: Stage, src: Path, out: Path, rel: str, on_rows: Any = N
     return commit(out, rel, kept, dropped, n_in, time.perf_counter() - start, counters)
 
 
-def open_stage(run_dir: Path, name: str, config: Any, processor: Any = None, fresh: bool = False,
-               progress: bool = False) -> StageJob:
-    """Check the input, clean up after a killed run, build the processor and plan; shared by every executor.
+def open_stage(run_dir: Path, name: str, config: Any, processor: Any = None, source: str | None = None,
+               settings: dict[str, Any] | None = None, progress: bool = False) -> StageJob:
+    """Check the input and the fingerprint, clean up after a killed run, build the processor and plan.
 
-    `processor` replaces `config.build()` (export's review applier); `fresh` discards earlier output first;
-    `progress` shows a bar while a plan that reports rows (score's whole-run percentile) runs.
+    Shared by every executor. `source`: the input stage (default: the latest finished one before `name`);
+    `processor` replaces `config.build()` (export's review applier); `settings` replaces the fingerprinted
+    settings of `config` (export adds its reviews); `progress` shows a bar while a plan that reports rows
+    (score's whole-run percentile) runs. A folder built from other settings or another input is rebuilt, with
+    every later stage; a finished folder with the same fingerprint is left as it is.
     """
     run_dir = Path(run_dir)
-    source = input_stage(run_dir, name)
+    if source is None:
+        source = input_stage(run_dir, name)
+    check_input(run_dir, name, source)
     src, out = layout.stage_dir(run_dir, source), layout.stage_dir(run_dir, name)
     names = shards.shard_names(src)
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if settings is None:
+        settings = fingerprint.settings_of(name, config, run_dir)
+    record = fingerprint.record(name, settings, fingerprint.input_of(run_dir, source))
+    state = fingerprint.state(out, record, len(names))
+    if state.action == "done":
+        return StageJob(name, None, source, src, out, [], up_to_date=True)
+    if state.action == "rebuild":
+        invalidate(run_dir, name, state.reason)
+    elif state.action == "new":  # later stages were built from an earlier copy of this one: rebuild them too
+        invalidate(run_dir, name, "its folder is missing, so the stages after it are stale")
     out.mkdir(parents=True, exist_ok=True)
-    check_fingerprint(out, {"input_stage": source, "shards": names}, StageError, lambda previous: (
-        f"{out} was produced from a different input ({previous['input_stage']}, {len(previous['shards'])} shards); "
-        f"delete {out} to rebuild this stage"))
+    if state.action != "continue":
+        fingerprint.write(out, record)
     remove_stale_temp_files(out)
-    stage = Stage(name, processor if processor is not None else config.build(), batch_size=config.batch_size)
+    todo = [rel for rel in names if not shards.is_done(out, rel)]
+    if not todo:
+        return StageJob(name, None, source, src, out, [])
+    (out / shards.MANIFEST).unlink(missing_ok=True)
+    processor = processor if processor is not None else config.build()
+    stage = Stage(name, processor, batch_size=config.batch_size, threads=model_threads(config, processor))
     if stage.plan_columns:
         columns = list(stage.plan_columns)
-        if getattr(stage.processor, "plan_streaming", False):  # plans over all images: don't hold them at once
-            index: Any = shards.read_stage(src, columns=columns)
-        else:
-            index = shards.read_stage_table(src, columns=columns)
-        total = sum(pq.read_metadata(shards.shard_path(src, rel)).num_rows for rel in names)
-        with progress_bar(f"{name}: plan over {source}", total,
-                          enabled=progress and hasattr(stage.processor, "on_rows")) as bar:
-            stage.plan(index, total, bar.advance)
-    todo = [rel for rel in names if not shards.is_done(out, rel)]
-    if todo:
-        (out / shards.MANIFEST).unlink(missing_ok=True)
+        with threads_pinned(stage.threads):
+            if getattr(stage.processor, "plan_streaming", False):  # plans over all images: don't hold them at once
+                index: Any = shards.read_stage(src, columns=columns)
+            else:
+                index = shards.read_stage_table(src, columns=columns)
+            total = sum(pq.read_metadata(shards.shard_path(src, rel)).num_rows for rel in names)
+            with progress_bar(f"{name}: plan over {source}", total,
+                              enabled=progress and hasattr(stage.processor, "on_rows")) as bar:
+                stage.plan(index, total, bar.advance)
     return StageJob(name, stage, source, src, out, todo)

@@ -4,16 +4,21 @@ The export stage runs through the executor like any other: its row logic (`Expor
 (`<run>/reviews.parquet`, through a processor passed in by the caller) and sets each row's stable split; rows a
 reviewer rejected are dropped with their reason. Its finish then writes
 `<run>/surd/data/{train,test}-NNNNN-of-NNNNN.parquet` and a dataset card `README.md` in a temp folder inside the
-run and swaps it in whole, so a killed export leaves either the old dataset or the new one. The export stage is
-rebuilt on every export (the reviews or the split may have changed).
+run and swaps it in whole (`swap_in`: one atomic exchange of the two folders on Linux), so a killed export
+leaves either the old dataset or the new one, and a reader never finds no dataset at all. The export stage is
+fingerprinted like every stage, plus the reviews file's content and the recipe's name (the card's title): it is
+rebuilt when one of them, its input, the split or the shard size changes, and left as it is otherwise.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines import fingerprint
 from pipelines.card import dataset_card
-from pipelines.executor import open_stage, run_job
+from pipelines.executor import discard, open_stage, run_job
+from pipelines.progress import notice
 from surd import layout, shards
 from surd.rows import Drop
 from surd.schema import SCHEMA, split_for
@@ -103,21 +110,48 @@ class ExportRows:
 
 def export(
     run_dir: Path, config: ExportConfig, *, reviews: Any = None, recipe_name: str = "surd", workers: int = 1,
-    progress: bool = False,
+    progress: bool = False, source: str | None = None,
 ) -> dict[str, Any]:
     """Write `<run>/surd/`; returns the export stats. `reviews`: an optional processor applied first.
 
     The export stage runs like any other (the executor writes `export/` shards with the split set, dropped
-    rows, stats); its finish then assembles the dataset from them in a temp folder and swaps it in whole.
+    rows, stats); its finish then assembles the dataset from them in a temp folder and swaps it in whole, and
+    writes the manifest last. A finished export with the same fingerprint is left as it is.
     """
     run_dir = Path(run_dir)
-    job = open_stage(run_dir, STAGE, config, processor=ExportRows(config.test_fraction, reviews), fresh=True)
-    run_job(job, workers=workers, progress=progress)
-    job.close()
-    _finish(run_dir, config, recipe_name, job.source)
-    if config.format == "imagefolder":
+    settings = {**fingerprint.settings_of(STAGE, config, run_dir), "recipe_name": recipe_name,
+                "reviews": reviews_digest(reviews)}
+    job = open_stage(run_dir, STAGE, config, processor=ExportRows(config.test_fraction, reviews), source=source,
+                     settings=settings)
+    if not (job.up_to_date and layout.dataset_dir(run_dir).is_dir()):
+        run_job(job, workers=workers, progress=progress)
+        _finish(run_dir, config, recipe_name, job.source)
+        stale = layout.imagefolder_dir(run_dir)
+        if stale.exists() and config.format != "imagefolder":
+            notice(f"{stale.name}: removed, it held the previous export (`surd export RUN --format imagefolder` "
+                   "writes it again)")
+            discard(run_dir, stale)
+        if config.format == "imagefolder":
+            export_imagefolder(run_dir)
+    elif config.format == "imagefolder" and not layout.imagefolder_dir(run_dir).exists():
         export_imagefolder(run_dir)
     return shards.stage_stats(job.out)
+
+
+def last_recipe_name(run_dir: Path) -> str | None:
+    """The recipe name the run's last export was made with (so a plain `surd export` does not rebuild it)."""
+    record = fingerprint.read(layout.stage_dir(run_dir, STAGE)) or {}
+    return (record.get("settings") or {}).get("recipe_name")
+
+
+def reviews_digest(reviews: Any) -> str | None:
+    """What export fingerprints of the reviews it applies: the reviews file's sha256 (None: no reviews)."""
+    if reviews is None:
+        return None
+    path = getattr(reviews, "reviews_path", None)
+    if path is None or not Path(path).is_file():
+        return type(reviews).__name__
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _finish(run_dir: Path, config: ExportConfig, recipe_name: str, source: str) -> None:
@@ -134,6 +168,7 @@ def _finish(run_dir: Path, config: ExportConfig, recipe_name: str, source: str) 
         counts = {split: writer.rows for split, writer in writers.items()}
         (work / "README.md").write_text(dataset_card(run_dir, files, counts, recipe_name=recipe_name,
                                                      input_stage=source, data_dir=work / "data"))
+    # the manifest last: an export killed before it is finished on the next run (its shards are kept)
     shards.write_manifest(stage_dir, STAGE, extra={"input_stage": source, "files": files, "splits": counts})
 
 
@@ -144,7 +179,7 @@ def _building(run_dir: Path, name: str) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
     try:
         yield work
-        _swap_in(work, run_dir / name)
+        swap_in(work, run_dir / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -156,15 +191,41 @@ def _remove_leftovers(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap_in(new: Path, target: Path) -> None:
-    """Replace `target` by `new` with renames only (the old copy is removed after the swap)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
+def swap_in(new: Path, target: Path) -> None:
+    """Replace `target` by `new` so that `target` exists at every moment (the old copy is removed afterwards)."""
+    if not target.exists():
+        new.rename(target)
+        return
+    if exchange(new, target):  # `new` now holds the old copy
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    # Without an atomic exchange (not Linux, or a filesystem without it) two renames leave a moment with no target.
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
     new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 has no wrapper
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # the filesystem (or kernel) cannot exchange: fall back
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
 
 
 def export_imagefolder(run_dir: Path) -> Path:

@@ -14,9 +14,10 @@ from pipelines.executor import open_stage, run_job
 
 
 def run_stage(
-    run_dir: Path, name: str, config: Any, *, workers: int = 1, progress: bool = True
+    run_dir: Path, name: str, config: Any, *, workers: int = 1, progress: bool = True, source: str | None = None
 ) -> dict[str, Any]:
-    """Run one processing stage over the previous stage's shards; returns the stage's total stats."""
-    job = open_stage(run_dir, name, config, progress=progress)
+    """Run one processing stage over its input stage's shards (`source`, default: the latest finished one before
+    it); returns the stage's total stats. A stage finished with the same fingerprint is left as it is."""
+    job = open_stage(run_dir, name, config, source=source, progress=progress)
     run_job(job, workers=workers, progress=progress)
     return job.close()

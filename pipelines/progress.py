@@ -164,3 +164,8 @@ def track(items: Iterable[T], label: str, total: int | None = None, unit: str = 
         for item in items:
             yield item
             bar.advance(1)
+
+
+def notice(text: str) -> None:
+    """One line a user must see (a rebuild and why, a cycle that ended paging), even with progress bars off."""
+    Console(stderr=True, soft_wrap=True).print(text, markup=False, highlight=False)

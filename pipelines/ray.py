@@ -28,6 +28,7 @@ import pyarrow as pa
 
 import surd.errors
 from pipelines.executor import StageJob, open_stage
+from pipelines.plan import nothing_to_do, plan_run
 from pipelines.progress import progress_bar
 from pipelines.recipe import Recipe
 from pipelines.run import check_until, run_recipe
@@ -125,10 +126,11 @@ def _map_shards(job: StageJob, config: Any, max_actors: int | None) -> Any:
 
 
 def run_stage_ray(
-    run_dir: Path, name: str, config: Any, *, progress: bool = True, max_actors: int | None = None
+    run_dir: Path, name: str, config: Any, *, progress: bool = True, max_actors: int | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Run one processing stage over the previous stage's shards on Ray; returns the stage's total stats."""
-    job = open_stage(run_dir, name, config, progress=progress)
+    """Run one processing stage over its input stage's shards on Ray; returns the stage's total stats."""
+    job = open_stage(run_dir, name, config, source=source, progress=progress)
     if job.todo:
         done = _map_shards(job, config, max_actors)
         with progress_bar(f"{job.label}, ray", job.total(), enabled=progress) as bar:
@@ -199,13 +201,15 @@ def _check_shared(run_dir: Path) -> None:
 
 def run_recipe_ray(
     recipe: Recipe, out: Path, *, until: str | None = None, address: str | None = None, reviews: Any = None,
-    progress: bool = True, collect_workers: int = 1, max_actors: int | None = None,
+    progress: bool = True, collect_workers: int = 1, max_actors: int | None = None, rebuild_from: str | None = None,
 ) -> list[str]:
     """Run the recipe's stages into `out` on Ray (collect and export in this process); returns the stages run."""
     import ray
 
     check_until(until)
     run_dir = _run_dir(out)
+    if rebuild_from is None and nothing_to_do(plan_run(recipe, run_dir, until=until, reviews=reviews)):
+        return run_recipe(recipe, run_dir, until=until, reviews=reviews, progress=progress)  # no cluster for nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     started = _connect(address)
     try:
@@ -213,7 +217,7 @@ def run_recipe_ray(
         runner = partial(run_stage_ray, max_actors=max_actors)
         return run_recipe(
             recipe, run_dir, workers=collect_workers, until=until, reviews=reviews, progress=progress,
-            stage_runner=runner,
+            stage_runner=runner, rebuild_from=rebuild_from,
         )
     finally:
         if started:

@@ -5,7 +5,8 @@ commit the shard again (through `pipelines.executor.commit`): the recovered rows
 the dropped rows left with what still fails (new reason) plus the untouched final failures, in their original
 order. Commit writes the kept shard before the dropped one, and rows already in the kept shard are removed
 from the dropped one without a download, so a pass killed between the two writes leaves no duplicate behind.
-Stages after fetch that already ran do not see the recovered rows until they are rebuilt.
+Stages after fetch that already ran do not see the recovered rows until they are rebuilt: fetch's fingerprint
+counts its shards' rows, so the next run rebuilds them (`pipelines.fingerprint`).
 """
 
 from __future__ import annotations

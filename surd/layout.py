@@ -8,6 +8,8 @@
     RUN/review/thumbs/           thumbnails served to Label Studio
     RUN/adapter/                 a recipe's training run (adapter.safetensors, checkpoints/, logs/, validation/)
     DATA/cache/                  content-keyed caches of a dataset folder (latents, text, teacher vectors)
+    RUN/.surd-lock               the lock a writing command holds (its pid inside); it also marks a run folder
+    RUN/.surd-trash-*/           stage folders being removed for a rebuild (renamed aside, then deleted)
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ THUMBS = Path("review") / "thumbs"
 ADAPTER = "adapter"
 CACHE = "cache"
 FINGERPRINT = "_fingerprint.json"
+LOCK = ".surd-lock"
+TRASH_PREFIX = ".surd-trash-"
 REPORT = "report.html"
 RUN_VAR = "${out}"  # how recipes, and everything a run folder stores, spell the run folder itself
 
@@ -71,6 +75,10 @@ def adapter_dir(run_dir: Path) -> Path:
 def cache_dir(data: Path) -> Path:
     """Caches live in the folder given as the training data, shared by every run on it."""
     return Path(data) / CACHE
+
+
+def lock_path(run_dir: Path) -> Path:
+    return Path(run_dir) / LOCK
 
 
 def report_path(run_dir: Path) -> Path:

@@ -173,6 +173,9 @@ class FakeCivitai:
         self.lifetime = lifetime
         self.numeric_cursor = numeric_cursor
         self.api_faults: deque[str] = deque()
+        # crafted paging: the page at an offset also lists these earlier items / returns this nextCursor instead
+        self.also_list: dict[int, list[int]] = {}
+        self.next_cursor: dict[int, str] = {}
         self.image_faults: deque[int] = deque()  # HTTP statuses for the next `ok/` image requests
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.hits: Counter[str] = Counter()
@@ -283,10 +286,14 @@ class FakeCivitai:
         cursor = query.get("cursor")
         offset = int(cursor.split("|")[0]) if cursor else 0
         items = [civitai_item(i, self.base) for i in range(offset, min(offset + limit, self.n_items))]
+        items += [civitai_item(i, self.base) for i in self.also_list.get(offset, [])]
         metadata: dict[str, Any] = {}
         if offset + limit < self.n_items:
             nxt = offset + limit
             metadata["nextCursor"] = nxt if self.numeric_cursor else f"{nxt}|{5000 + nxt}|{(nxt * 7919) % 1000}"
+        if offset in self.next_cursor:
+            metadata["nextCursor"] = self.next_cursor[offset]
+        if "nextCursor" in metadata:
             metadata["nextPage"] = f"{self.api_base}/images?limit={limit}&cursor={metadata['nextCursor']}"
         if fault == "junk_items":
             items = items + ["junk", None, {"url": "https://x/y.png"}, {"id": True}]

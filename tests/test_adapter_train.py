@@ -125,7 +125,7 @@ def test_c_projection_is_trained_and_saved(fifty) -> None:
 def test_f_sd2_shaped_1024_stack_trains(world) -> None:
     sd2 = write_tiny_sd(world["root"] / "sd2", text_dim=1024)
     rows = []
-    out = train(_config(world, "sd2", base=str(sd2), max_steps=3, adapter={"ff_dim": 64, "heads": 8}),
+    out = train(_config(world, "sd2-run", base=str(sd2), max_steps=3, adapter={"ff_dim": 64, "heads": 8}),
                 on_step=lambda s, r: rows.append(r), progress=False)
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     config = json.loads((out / "adapter_config.json").read_text())
@@ -184,6 +184,11 @@ def test_train_config_is_strict_and_names_the_bad_key(world) -> None:
 
     with pytest.raises(ValidationError):
         TrainConfig.model_validate({"base": "x", "learning_rat": 1e-4})
+    # `tensorboard: true/false` (before `report_to` existed) still means what it meant; both at once is refused.
+    assert TrainConfig.model_validate({"base": "x", "tensorboard": False}).report_to == "none"
+    assert TrainConfig.model_validate({"base": "x", "tensorboard": True}).report_to == "tensorboard"
+    with pytest.raises(ValidationError, match="not both"):
+        TrainConfig.model_validate({"base": "x", "tensorboard": False, "report_to": "wandb"})
     with pytest.raises(RecipeError, match="loss.llm_los"):
         train_config({"base": "x", "loss": {"llm_los": "kl"}})
     with pytest.raises(SurdError, match="--llm"):

@@ -12,7 +12,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from adapter.eval_report import summarise
+from adapter.eval_report import GridRow, grid_html, summarise, wins_and_losses
+from adapter.eval_scores import Metric
 from adapter.model import SURAdapter
 from adapter.probes import PROBE_SETS, load_probe_set
 from surd.cli.evaluation import register
@@ -168,29 +169,37 @@ def test_eval_end_to_end_then_resume_reuses_every_image(stack: dict[str, Path]) 
     assert set(results["categories"]) == {"surd", "counting", "colour", "action", "all probes"}
     assert results["prompts"] == {"surd": 1, "probes": 3, "surd_test_rows_without_narrative": 1,
                                   "llm_expansion_failures": 0}
-    # 4 prompts x 2 seeds x 2 arms
-    assert results["images"] == {"total": 16, "generated": 16, "reused": 0}
+    # 4 prompts x 2 seeds x 2 arms, plus the keyword arm on the one prompt with a keyword prompt (the surd row)
+    assert results["images"] == {"total": 18, "generated": 18, "reused": 0}
     for category, summary in results["categories"].items():
         expected = 6 if category == "all probes" else 2
-        assert {arm: s["images"] for arm, s in summary["arms"].items()} == {"base": expected, "adapter": expected}
+        arms = {"base": expected, "adapter": expected} | ({"keyword": 2} if category == "surd" else {})
+        assert {arm: s["images"] for arm, s in summary["arms"].items()} == arms
         assert summary["vs_base"]["adapter"]["pairs"] == expected
+    assert results["categories"]["surd"]["vs_base"]["keyword"]["pairs"] == 2
     assert results["categories"]["surd"]["arms"]["base"]["clip_keyword"] is not None
     assert results["categories"]["counting"]["arms"]["adapter"]["probe_accuracy"] in (0.0, 0.5, 1.0)
 
     scores = pq.read_table(out / "scores.parquet").to_pylist()
-    assert len(scores) == 16 and all((out / s["image"]).is_file() for s in scores)
+    assert len(scores) == 18 and all((out / s["image"]).is_file() for s in scores)
     by_key = {(s["arm"], s["item_id"], s["seed"]): (out / s["image"]).read_bytes() for s in scores}
     assert any(by_key[("adapter", i, seed)] != by_key[("base", i, seed)] for _, i, seed in by_key)
+    keyword = [s for s in scores if s["arm"] == "keyword"]
+    assert {s["generation_prompt"] for s in keyword} == {"cat, 8k"}  # the row's keyword prompt, not its narrative
+    assert {s["prompt"] for s in keyword} == {"a <script>x</script> cat & two dogs"}  # scored against the narrative
+    assert by_key[("keyword", "t:1", 0)] != by_key[("base", "t:1", 0)]
 
     page = (out / "report.html").read_text()
-    assert page.count('<img src="data:image/jpeg;base64,') == 16
-    assert page.count('<div class="row">') == 8  # one row per prompt and seed: base | adapter side by side
+    items = page[page.index("<h2>surd: images</h2>"):]
+    assert items.count('<img src="data:image/jpeg;base64,') == 18
+    assert items.count('<tr class="row">') == 8  # one row per prompt and seed: the arms side by side
+    assert "Largest wins and losses" in page[: page.index("<h2>surd: images</h2>")]
     assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt; cat &amp; two dogs" in page
     assert "| adapter | 2 |" in (out / "results.md").read_text()
 
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     again = _eval(stack, out, "--data", str(stack["data"]))
-    assert again["images"] == {"total": 16, "generated": 0, "reused": 16}
+    assert again["images"] == {"total": 18, "generated": 0, "reused": 18}
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == mtimes
     assert again["categories"] == results["categories"]
 
@@ -249,3 +258,153 @@ def test_user_errors_name_the_flag(stack: dict[str, Path], tmp_path: Path) -> No
         result = CliRunner().invoke(_cli(), base + extra)
         assert isinstance(result.exception, SurdError) and needle in str(result.exception), (extra, result.exception)
     assert not (tmp_path / "o" / "images").exists()
+
+
+# ---------------------------------------------------------------- guidance sweeps, named adapters, scorers
+
+
+def test_guidance_sweep_generates_every_arm_at_each_scale(stack: dict[str, Path]) -> None:
+    out = stack["root"] / "out-sweep"
+    results = _eval(stack, out, "--probes", "counting", "--guidance", "1,3")
+    assert results["config"]["guidance_scale"] == [1.0, 3.0]
+    assert results["images"]["total"] == 8  # 1 prompt x 2 seeds x 2 arms x 2 scales
+    assert set(results["categories"]) == {"counting · guidance 1", "counting · guidance 3"}
+    for summary in results["categories"].values():
+        assert summary["arms"]["base"]["images"] == 2 and summary["vs_base"]["adapter"]["pairs"] == 2
+    tags = {(a["name"], a["guidance"]): a["tag"] for a in results["arms"]}
+    assert len(set(tags.values())) == 4  # each arm at each scale has its own image folder
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    image = {(s["arm"], s["guidance"], s["seed"]): (out / s["image"]).read_bytes() for s in scores}
+    assert image[("base", 1.0, 0)] != image[("base", 3.0, 0)]  # guidance changes the picture from the same noise
+    markdown = (out / "results.md").read_text()
+    assert "## guidance sweep (clip_narrative)" in markdown and "| counting | adapter |" in markdown
+
+
+def test_named_adapters_are_arms_of_their_own(stack: dict[str, Path]) -> None:
+    out = stack["root"] / "out-named"
+    identity = _adapter_run(stack["root"] / "run-identity-named", stack["sd"], perturb=False)
+    args = ["eval", "--base", str(stack["sd"]), "--clip", str(stack["clip"]), "--out", str(out), *ARGS,
+            "--probes", "colour", "--adapter", f"trained={stack['adapter']}", "--adapter", f"fresh={identity}"]
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert [a["name"] for a in results["arms"]] == ["base", "trained", "fresh"]  # no keyword prompt: no keyword arm
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    image = {(s["arm"], s["seed"]): (out / s["image"]).read_bytes() for s in scores}
+    assert image[("fresh", 0)] == image[("base", 0)] != image[("trained", 0)]  # each arm used its own adapter
+
+
+def test_arm_names_and_scorer_options_are_checked(stack: dict[str, Path], tmp_path: Path) -> None:
+    base = ["eval", "--base", str(stack["sd"]), "--out", str(tmp_path / "o"), *ARGS, "--probes", "colour"]
+    cases = [
+        (["--clip", str(stack["clip"]), "--adapter", f"base={stack['adapter']}"], "'base' is the name of another arm"),
+        (["--clip", str(stack["clip"]), "--adapter", str(stack["adapter"]), "--adapter", str(stack["adapter"])],
+         "a second unnamed adapter"),
+        ([], "needs a CLIP model (--clip)"),
+        (["--scorer", "attributes"], "needs a model folder (--judge)"),
+        (["--scorer", "attributes", "--judge", str(tmp_path)], "--judge"),
+        (["--scorer", "nope", "--judge", str(tmp_path)], "--scorer 'nope'"),
+        (["--clip", str(stack["clip"]), "--guidance", "3,x"], "--guidance"),
+    ]
+    for extra, needle in cases:
+        result = CliRunner().invoke(_cli(), base + extra)
+        assert isinstance(result.exception, SurdError) and needle in str(result.exception), (extra, result.exception)
+    assert not (tmp_path / "o" / "images").exists()
+
+
+class RednessScorer:
+    """A plug-in scorer for the tests: the share of pixels that are clearly red (a measurement of the image)."""
+
+    label = "redness"
+    metrics = (Metric("redness", "redness"),)
+    primary = "redness"
+
+    def __init__(self, model: str, device: str = "cpu") -> None:
+        self.model = model
+
+    def score(self, records: list[dict], bar: object = None) -> list[dict]:
+        return [{**r, "redness": _redness(Path(r["path"]))} for r in records]
+
+
+def _redness(path: Path) -> float:
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return float(((rgb[..., 0] > 150) & (rgb[..., 1] < 100) & (rgb[..., 2] < 100)).mean())
+
+
+def test_a_plugin_scorer_and_a_prompt_set_with_keyword_prompts(stack: dict[str, Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "mine.yaml"
+    prompts.write_text("category: mine\nprobes:\n"
+                       "  - {id: m-1, prompt: a crimson ball, keyword_prompt: 'red circle, 8k', "
+                       "attributes: {colour: red, shape: circle}}\n"
+                       "  - {id: m-2, prompt: a plain sentence}\n")
+    out = tmp_path / "out"
+    args = ["eval", "--base", str(stack["sd"]), "--out", str(out), *ARGS, "--limit", "2", "--probes", str(prompts),
+            "--adapter", str(stack["adapter"]), "--scorer", "test_evaluate:RednessScorer", "--judge", "unused"]
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert results["scorer"]["label"] == "redness" and results["scorer"]["primary"] == "redness"
+    summary = results["categories"]["mine"]
+    assert summary["arms"]["keyword"]["images"] == 2 and summary["arms"]["base"]["images"] == 4
+    assert "clip_narrative" not in summary["arms"]["base"]
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    for arm in ("base", "adapter", "keyword"):
+        mine = [_redness(out / s["image"]) for s in scores if s["arm"] == arm]
+        assert summary["arms"][arm]["redness"] == pytest.approx(sum(mine) / len(mine), abs=1e-4)
+    keyword = [s for s in scores if s["arm"] == "keyword"]
+    assert {s["generation_prompt"] for s in keyword} == {"red circle, 8k"}
+    assert {json.loads(s["attributes"])["colour"] for s in keyword} == {"red"}
+    pairs = [(s["redness"], b["redness"]) for s in scores if s["arm"] == "adapter"
+             for b in scores if b["arm"] == "base" and (b["item_id"], b["seed"]) == (s["item_id"], s["seed"])]
+    assert summary["vs_base"]["adapter"]["win_rate"] == pytest.approx(sum(a > b for a, b in pairs) / len(pairs))
+    assert "| arm | images | redness |" in (out / "results.md").read_text()
+
+
+# ---------------------------------------------------------------- wins and losses, the image grid
+
+
+def test_wins_and_losses_rank_paired_deltas_and_leave_out_ties() -> None:
+    def record(arm: str, item: str, seed: int, value: float, guidance: float = 7.5) -> dict:
+        return {"arm": arm, "category": "c", "item_id": item, "seed": seed, "guidance": guidance, "score": value}
+
+    deltas = {"a": 0.3, "b": 0.1, "c": 0.0, "d": -0.2, "e": -0.05, "f": 0.2, "g": -0.4}
+    records = [record("base", item, 0, 0.5) for item in deltas]
+    records += [record("x", item, 0, 0.5 + d) for item, d in deltas.items()]
+    records += [record("x", "h", 0, 0.99), record("x", "a", 0, 0.99, guidance=3.0)]  # no base of the same key
+    wins, losses = wins_and_losses(records, "x", Metric("score", "score"), k=3)
+    assert [r["item_id"] for _, r, _ in wins] == ["a", "f", "b"]
+    assert [r["item_id"] for _, r, _ in losses] == ["g", "d", "e"]
+    assert all(s["arm"] == "base" and s["item_id"] == r["item_id"] for _, r, s in wins + losses)
+    assert [round(d, 4) for d, _, _ in wins] == [0.3, 0.2, 0.1]
+    few_wins, _ = wins_and_losses(records, "x", Metric("score", "score"), k=10)
+    assert "c" not in [r["item_id"] for _, r, _ in few_wins]  # a tie is neither a win nor a loss
+
+
+def test_grid_html_labels_rows_and_columns_and_escapes_text() -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    rows = [GridRow("a <b> prompt", [buffer.getvalue(), None], ["one", "two"]), GridRow("second", [None, None])]
+    page = grid_html(["base", "<arm>"], rows)
+    assert page.count('<tr class="row">') == 2 and page.count("<img ") == 1
+    assert "<th>&lt;arm&gt;</th>" in page and "a &lt;b&gt; prompt" in page and "<b>" not in page
+    assert page.index("<th>base</th>") < page.index("<th>&lt;arm&gt;</th>")
+
+
+def test_stock_unconditional_is_an_eval_option_and_part_of_the_images_fingerprint() -> None:
+    from adapter.config import EvalConfig
+    from adapter.evaluate import build_arms
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    assert "--stock-unconditional" in CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    adapted = build_arms(EvalConfig(base="b", scorer="attributes", judge="j", probes=[]))
+    stock = build_arms(EvalConfig(base="b", scorer="attributes", judge="j", probes=[], adapt_unconditional=False))
+    assert [a.name for a in adapted] == [a.name for a in stock] and adapted[0].tag != stock[0].tag

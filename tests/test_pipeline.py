@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,6 @@ from pipelines.registry import stage_config
 from pipelines.run import run_recipe
 from surd import shards
 from surd.demo import EXPECTED_KEPT, PLANTED, make_demo_data
-from surd.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 SURD = [sys.executable, "-m", "surd"]
@@ -124,18 +124,25 @@ def test_two_workers_write_the_same_rows(demo_images: Path, finished_run: Path, 
     assert _final_rows(out) == _final_rows(finished_run)
 
 
-def test_stage_refuses_to_mix_inputs(finished_run: Path, tmp_path: Path) -> None:
-    # Pretend clean ran on another input: the stage must refuse to resume rather than mix rows.
-    record = json.loads((finished_run / "dedup" / "_fingerprint.json").read_text())
-    record["shards"] = record["shards"][:-1]
-    (finished_run / "dedup" / "_fingerprint.json").write_text(json.dumps(record))
-    try:
-        with pytest.raises(StageError, match="different input"):
-            run_stage(finished_run, "dedup", stage_config("dedup", {}), progress=False)
-    finally:
-        record["shards"] = json.loads((finished_run / "clean" / "manifest.json").read_text())["shards"]
-        record["shards"] = [s["name"] for s in record["shards"]]
-        (finished_run / "dedup" / "_fingerprint.json").write_text(json.dumps(record))
+def _no_seconds(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "seconds"}
+
+
+def test_stage_built_from_another_input_is_rebuilt_not_mixed(finished_run: Path, tmp_path: Path, capfd) -> None:
+    # Pretend dedup was built from another input (one shard fewer): resuming it would mix rows, so it is rebuilt,
+    # and so is every stage after it, with one line saying why.
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "dedup" / "_fingerprint.json"
+    record = json.loads(path.read_text())
+    record["input"]["shards"] = record["input"]["shards"][:-1]
+    path.write_text(json.dumps(record))
+    stats = run_stage(run, "dedup", stage_config("dedup", {}), progress=False)
+    err = capfd.readouterr().err
+    assert "dedup: input clean has other shards" in err and "rebuilding dedup, export" in err, err
+    assert _no_seconds(stats) == _no_seconds(shards.stage_stats(finished_run / "dedup"))
+    assert not (run / "export").exists()  # built from the old dedup: gone until the next export
+    assert json.loads(path.read_text())["input"]["shards"] == shards.shard_names(run / "clean")
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

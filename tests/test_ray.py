@@ -55,6 +55,23 @@ class SetupOnceConfig(StageConfig):
         return SetupOnce()
 
 
+class ThreadCount:
+    """A model-like processor that records how many threads torch computes with in the worker."""
+
+    def setup(self) -> None:
+        import torch  # noqa: F401  # a model stage's setup loads torch
+
+    def process_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        return [{**row, "narrative_origin": str(torch.get_num_threads())} for row in rows]
+
+
+class ThreadCountConfig(StageConfig):
+    def build(self) -> ThreadCount:
+        return ThreadCount()
+
+
 class MissingModel(SetupOnce):
     def setup(self) -> None:
         raise StageError("score: model folder /nowhere/model not found")
@@ -134,10 +151,10 @@ def _no_seconds(value: Any) -> Any:
     return value
 
 
-def _digest(out: Path) -> dict[str, Any]:
+def _digest(out: Path, stages: tuple[str, ...] = STAGES[:-1]) -> dict[str, Any]:
     """Everything a run leaves, row for row and shard for shard, minus wall-clock times."""
     digest: dict[str, Any] = {}
-    for stage in STAGES[:-1]:
+    for stage in stages:
         folder = out / stage
         names = shards.shard_names(folder)
         kept = {rel: pq.read_table(shards.shard_path(folder, rel)).to_pylist() for rel in names}
@@ -248,6 +265,27 @@ def test_model_stage_runs_in_an_actor_pool_set_up_once_per_actor(reference: Path
     assert len(shards.shard_names(run_dir / "score")) > len(pids)  # actors were reused across shards
 
 
+def test_a_model_stage_computes_with_the_same_threads_on_every_executor(reference: Path, tmp_path: Path) -> None:
+    """Another thread count sums floats in another order, and a sampling LLM then writes other words (#11, 9)."""
+    import torch
+
+    from pipelines.local import run_stage
+
+    before = torch.get_num_threads()
+    seen = {}
+    for name, run in (("serial", lambda d: run_stage(d, "pair", ThreadCountConfig(num_cpus=1), progress=False)),
+                      ("pool", lambda d: run_stage(d, "pair", ThreadCountConfig(num_cpus=1), workers=2,
+                                                   progress=False)),
+                      ("ray", lambda d: run_stage_ray(d, "pair", ThreadCountConfig(num_cpus=1), progress=False,
+                                                      max_actors=2))):
+        run_dir = tmp_path / name
+        shutil.copytree(reference / "dedup", run_dir / "dedup")
+        run(run_dir)
+        seen[name] = set(shards.read_stage_table(run_dir / "pair").column("narrative_origin").to_pylist())
+    assert seen == {"serial": {"1"}, "pool": {"1"}, "ray": {"1"}}
+    assert torch.get_num_threads() == before  # the parent's own count is given back
+
+
 def test_user_error_in_a_worker_surfaces_as_surd_error(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(reference / "dedup", run_dir / "dedup")
@@ -278,3 +316,34 @@ def test_placement_rule_and_pool_size() -> None:
 def test_object_storage_run_folder_is_refused_clearly(recipe: Path) -> None:
     with pytest.raises(SurdError, match="object storage"):
         run_recipe_ray(load_recipe(recipe, Path("/tmp/unused")), Path("s3://bucket/run"), progress=False)
+
+
+DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "demo.yaml"
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_with_its_model_stages_agrees_with_the_local_run(tmp_path: Path) -> None:
+    """nsfw (open_nsfw), pair (SmolLM2) and score (CLIP, run-level percentile) on Ray give the local run's rows."""
+    local = tmp_path / "local"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "surd", "run", str(DEMO), "--out", str(local), "--until", "export",
+                           "-q"], capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The Ray run starts from the local run's early stages (the same fingerprints: paths are kept as ${out}/...),
+    # so what runs on Ray is the model stages and export; the pair cache is not copied, so every answer is new.
+    remote = tmp_path / "ray"
+    for part in ("demo-images", "models", "collect", "clean", "dedup"):
+        shutil.copytree(local / part, remote / part)
+    run_recipe_ray(load_recipe(DEMO, remote), remote, progress=False)
+    model_stages = ("nsfw", "pair", "score")
+    assert all(json.loads((remote / s / "_fingerprint.json").read_text())["settings"] ==
+               json.loads((local / s / "_fingerprint.json").read_text())["settings"] for s in model_stages)
+    expected = _digest(local, model_stages)
+    assert sum(r["clip_narrative"] is not None for r in expected["score"]["kept"]["folder/part-00000"]) > 0
+    _assert_same(_digest(remote, model_stages), expected)
+    assert _exported(remote) == _exported(local)
+
+
+def _exported(out: Path) -> list[dict[str, Any]]:
+    files = sorted((out / "surd" / "data").glob("*.parquet"))
+    return [row for path in files for row in pq.read_table(path).to_pylist()]

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -163,3 +163,71 @@ def test_paths_inside_the_run_are_recorded_relative_to_it(tmp_path: Path, monkey
         "list": [f"{run}2/x"],  # a sibling whose name starts like the run's is not inside it
         "outside": "/data/images", "n": 3,
     }
+
+
+# ---------------------------------------------------------------- the model stages (nsfw, pair, score)
+
+MODEL_STAGES = ("collect", "clean", "dedup", "nsfw", "pair", "score")
+
+
+def _answer(messages: list[dict[str, str]], body: dict) -> str:
+    number = sum(map(ord, messages[-1]["content"])) % 997
+    return f"A quiet drawing of {number} small boats near a harbour, version {body['seed']}."
+
+
+@pytest.fixture(scope="module")
+def model_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every stage, the model stages included: the packaged open_nsfw, an LLM served on loopback, a tiny CLIP."""
+    from openai_server import FakeOpenAI
+
+    from surd.demo.tiny import write_tiny_clip
+
+    root = tmp_path_factory.mktemp("resume-models")
+    images = root / "images"
+    make_demo_data(images / "demo")
+    make_bench_images(images / "bench", 60, seed=4)
+    clip = write_tiny_clip(root / "clip")
+    with FakeOpenAI(_answer, lifetime_s=1800) as server:
+        recipe = root / "recipe.yaml"
+        recipe.write_text(
+            f"name: resume-models\ncollect:\n  - {{type: folder, path: {images}, rows_per_shard: 4}}\n"
+            "clean: {}\ndedup: {}\nnsfw: {mode: flag, batch_size: 4}\n"
+            f"pair: {{backend: openai, base_url: '{server.base_url}', model: served, api_key_env: null, k: 2, "
+            "batch_size: 4, cache_path: '${out}/_cache/pair.sqlite'}\n"
+            f"score: {{model: {clip}, pretrained: null, num_workers: 0, batch_size: 4, min_narrative_percentile: 10}}\n"
+            "export: {test_fraction: 0.25}\n"
+        )
+        yield recipe
+
+
+def _model_snapshot(out: Path) -> dict[str, object]:
+    snap: dict[str, object] = {}
+    for stage in MODEL_STAGES:
+        rows = shards.read_stage_table(out / stage).drop_columns(["image"]).to_pylist()
+        ids = [r["id"] for r in rows]
+        assert len(ids) == len(set(ids)), f"duplicate kept ids in {stage}"
+        dropped = [r for b in shards.read_dropped(out / stage) for r in b.to_pylist()]
+        snap[stage] = (sorted(rows, key=lambda r: r["id"]),
+                       sorted((r["id"], r["drop_reason"], r["drop_detail"]) for r in dropped))
+    final = []
+    for path in sorted((out / "surd" / "data").glob("*.parquet")):
+        final += pq.read_table(path).drop_columns(["image"]).to_pylist()
+    snap["final"] = sorted(final, key=lambda r: r["id"])
+    return snap
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_in_each_model_stage_then_resume(model_workload: Path, tmp_path: Path, workers: int) -> None:
+    reference = tmp_path / "reference"
+    proc = _start(model_workload, reference)
+    assert proc.wait(timeout=900) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    out = tmp_path / "out"
+    killed = []
+    for stage in ("nsfw", "pair", "score"):
+        if _kill_when(_start(model_workload, out, workers=workers), lambda s=stage: _markers(out, s) >= 2, 600):
+            killed.append(stage)
+    assert len(killed) >= 2, f"only killed during {killed}"
+    proc = _start(model_workload, out, workers=workers)
+    assert proc.wait(timeout=900) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert _model_snapshot(out) == _model_snapshot(reference)
+    assert not list(out.rglob(".*.tmp")), "temp files left behind"

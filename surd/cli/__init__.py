@@ -1,7 +1,8 @@
 """`surd`: the command line, the one room that imports every package. Thin: parse, call, print.
 
 Each module adds its commands with `register(app)`: `dataset` (run, collect, stages, export, stats, report,
-fetch, models), `review`, `adapter` (teacher, train, generate, adapter ...), `evaluation` (eval), `doctor`.
+fetch, models), `review`, `adapter` (teacher, train, generate, adapter ...), `evaluation` (eval), `doctor`,
+`experiment`.
 `main()` turns every error a user can cause into one line: usage errors as click prints them (usage, a hint,
 one `Error:` line; exit 2), `SurdError` and `OSError` as `error: ...` (exit 1). Bare `surd` prints the help.
 """
@@ -15,12 +16,12 @@ import sys
 import typer
 from rich.text import Text
 
-from surd.cli import adapter, dataset, doctor, evaluation, review
+from surd.cli import adapter, dataset, doctor, evaluation, experiment, review
 from surd.cli.common import err
 from surd.errors import SurdError, describe_os_error, one_line
 
 app = typer.Typer(help="Build SURD, review it in Label Studio, train the SUR-adapter.", no_args_is_help=True)
-for _module in (dataset, review, adapter, evaluation, doctor):
+for _module in (dataset, review, adapter, evaluation, doctor, experiment):
     _module.register(app)
 
 # Usage errors are raised by whichever click typer runs on: a copy inside typer (typer >= 0.20) or the click

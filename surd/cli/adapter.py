@@ -13,11 +13,26 @@ import yaml
 from pydantic import ValidationError
 
 from surd import layout
-from surd.cli.common import console, parse_sets
+from surd.cli.common import console, err, parse_sets
 from surd.errors import RecipeError, SurdError, explain_validation
 from surd.models import resolve_device
 
 adapter_app = typer.Typer(help="SUR-adapter utilities.", no_args_is_help=True)
+
+
+def _train_option(key: str, *names: str, help: str, **kwargs: Any) -> Any:
+    """A `surd train` flag for TrainConfig's `key`, its default (TrainConfig's) shown in --help; only a flag given on
+    the command line overrides --config and --set (see `_given`)."""
+    from adapter.config import TrainConfig
+
+    return typer.Option(TrainConfig.model_fields[key].default, *names, help=help, show_default=True, **kwargs)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed this option (not its default). Click's ParameterSource, compared by name: typer may
+    run on its own copy of click."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def train_config(section: dict[str, Any], where: str = "train config") -> Any:
@@ -45,28 +60,34 @@ def _read_yaml_section(path: Path) -> dict[str, Any]:
 
 
 def train_from_recipe(spec: Any, run_dir: Path) -> Path:
-    """Run a recipe's `train:` (data defaults to the run, out to RUN/adapter), then `generate:` and `eval:`."""
+    """Run a recipe's `train:` (data defaults to the run, out to RUN/adapter), then `generate:` and `eval:`.
+    Training is skipped when the adapter is complete for the same settings and data, resumed from a checkpoint
+    of the same run, and otherwise retrained from step 0 (`train.resume: auto`)."""
     from adapter.inference import generate_to_file
     from adapter.train import train
 
-    config = spec.train.model_copy(update={"data": spec.train.data or str(run_dir),
-                                           "out": spec.train.out or str(layout.adapter_dir(run_dir))})
+    section = spec.train
+    resume = section.resume or (None if section.overwrite else "auto")
+    config = section.model_copy(update={"data": section.data or str(run_dir), "resume": resume,
+                                        "out": section.out or str(layout.adapter_dir(run_dir))})
     out = train(config)
-    console.print(f"adapter trained: {out / 'adapter.safetensors'}")
+    console.print(f"adapter: {out / 'adapter.safetensors'}")
     gen = spec.generate
     if gen is not None:
         folder = Path(gen.out) if gen.out else out / "generate"
         for i, prompt in enumerate(gen.prompts):
             path = generate_to_file(config.base, out, prompt, folder / f"{i:03d}.png", seed=gen.seed,
                                     side=gen.compare, steps=gen.steps, guidance_scale=gen.guidance_scale,
-                                    adapt_unconditional=gen.adapt_unconditional)
+                                    adapt_unconditional=gen.adapt_unconditional, base_config=config.base_config)
             console.print(f"generated {path}")
     if spec.eval is not None:
         from adapter.config import EvalConfig
         from adapter.evaluate import run_eval
 
         section = spec.eval.model_dump()
-        section.update(base=section["base"] or config.base, adapter=section["adapter"] or out,
+        if not section["base"]:  # the recipe's base, as train loaded it
+            section.update(base=config.base, base_config=section["base_config"] or config.base_config)
+        section.update(adapter=section["adapter"] or out,
                        data=section["data"] or run_dir)
         results = run_eval(EvalConfig.model_validate(section), out / "eval")
         console.print(f"evaluation: {results['images']['total']} images, report {out / 'eval' / 'report.html'}")
@@ -103,30 +124,52 @@ def teacher(
 
 
 def train_cmd(
+    ctx: typer.Context,
     data: Path | None = typer.Option(None, "--data", help="exported dataset folder or run folder"),
-    base: str | None = typer.Option(None, "--base", help="diffusers SD folder or hub id"),
+    base: str | None = typer.Option(None, "--base", help="diffusers SD folder, hub id, or one .safetensors/.ckpt file"),
+    base_config: str | None = typer.Option(None, "--base-config", help="single-file --base: a diffusers folder or hub "
+                                           "id of the same architecture (configs, tokenizer)"),
     llm: str | None = typer.Option(None, "--llm", help="teacher causal LM"),
     layer: int | None = typer.Option(None, "--layer", help="teacher hidden-state index"),
     kind: str | None = typer.Option(None, "--kind", help="adapter.kind: sur, paper, connector (or "
                                     "reference-with-defects, a reproduction for measurement)"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="training run folder"),
-    max_steps: int | None = typer.Option(None, "--max-steps", min=1),
-    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", min=0),
+    out: Path | None = typer.Option(None, "--out", "-o", help="training run folder (refused if it holds another run)"),
+    learning_rate: float = _train_option("learning_rate", "--learning-rate", "--lr",
+                                         help="AdamW learning rate (the paper kinds preset 1e-5)"),
+    batch_size: int = _train_option("batch_size", "--batch-size", help="samples per device and step", min=1),
+    gradient_accumulation: int = _train_option("gradient_accumulation", "--gradient-accumulation",
+                                                      help="micro-batches per optimiser step", min=1),
+    resolution: int = _train_option("resolution", "--resolution", help="training image size (px)", min=8),
+    mixed_precision: str = _train_option("mixed_precision", "--mixed-precision",
+                                         help="auto, no, fp16 or bf16 (the frozen parts; trained weights: fp32)"),
+    max_steps: int = _train_option("max_steps", "--max-steps", help="optimiser steps", min=1),
+    checkpoint_every: int = _train_option("checkpoint_every", "--checkpoint-every", help="0: none", min=0),
+    validation_every: int = _train_option("validation_every", "--validation-every",
+                                                 help="labelled base | adapter grid every N steps (0: none)", min=0),
+    report_to: str = _train_option("report_to", "--report-to", help="tensorboard, wandb or none"),
     resume: str | None = typer.Option(None, "--resume", help="latest, or a checkpoint folder"),
-    seed: int | None = typer.Option(None, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="clear --out first (a training folder only)"),
+    seed: int = _train_option("seed", "--seed", help="every random draw derives from it"),
     config: Path | None = typer.Option(None, "--config", help="YAML of train options (or a recipe with train:)"),
     sets: list[str] | None = typer.Option(None, "--set", help="any train option KEY=VALUE (dots for nesting)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Train an adapter on SURD shards (`accelerate launch -m surd train ...` for several GPUs)."""
+    """Train an adapter on SURD shards (`accelerate launch -m surd train ...` for several GPUs).
+
+    Every setting: --config / --set (docs/adapter.md lists them); the flags below are the ones most asked for."""
     from adapter.train import train
 
     section = parse_sets(sets, into=_read_yaml_section(config) if config else {})
     if kind is not None:
         section.setdefault("adapter", {})["kind"] = kind
-    flags = {"data": data, "base": base, "llm": llm, "layer": layer, "out": out, "max_steps": max_steps,
-             "checkpoint_every": checkpoint_every, "resume": resume, "seed": seed}
+    flags = {"data": data, "base": base, "base_config": base_config, "llm": llm, "layer": layer, "out": out,
+             "resume": resume, "overwrite": overwrite or None}
     section.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    typed = {"learning_rate": learning_rate, "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
+             "resolution": resolution, "mixed_precision": mixed_precision, "max_steps": max_steps,
+             "checkpoint_every": checkpoint_every, "validation_every": validation_every, "report_to": report_to,
+             "seed": seed}
+    section.update({k: v for k, v in typed.items() if _given(ctx, k)})
     for flag, key in (("--data", "data"), ("--base", "base"), ("--out", "out")):
         if not section.get(key):
             raise SurdError(f"{flag} is required (or `{key}:` in --config)")
@@ -136,11 +179,12 @@ def train_cmd(
 
 def generate_cmd(
     prompt: str = typer.Argument(..., help="the (narrative) prompt"),
-    base: str = typer.Option(..., "--base", help="diffusers SD 1.x/2.x or SDXL folder or hub id"),
+    base: str = typer.Option(..., "--base", help="diffusers SD 1.x/2.x or SDXL folder, hub id, or single file"),
+    base_config: str | None = typer.Option(None, "--base-config", help="single-file --base: its configs' folder"),
     adapter: Path = typer.Option(..., "--adapter", help="training run folder (adapter.safetensors), any kind"),
     output: Path = typer.Option(..., "-o", "--output", help="PNG to write"),
     seed: int = typer.Option(0, "--seed"),
-    compare: bool = typer.Option(False, "--compare", help="base | adapter side by side, same seed"),
+    compare: bool = typer.Option(False, "--compare", help="base | adapter side by side, same seed, labelled"),
     steps: int = typer.Option(30, "--steps", min=1),
     guidance_scale: float = typer.Option(7.5, "--guidance-scale"),
     negative_prompt: str = typer.Option("", "--negative-prompt"),
@@ -148,13 +192,15 @@ def generate_cmd(
                                              help="the negative/empty prompt through the adapter too, or as stock"),
     llm: str | None = typer.Option(None, "--llm", help="connector: its LLM, if not where training found it"),
     device: str | None = typer.Option(None, "--device"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Generate an image with a trained adapter (any kind) conditioning the UNet."""
     from adapter.inference import generate_to_file
 
     path = generate_to_file(base, adapter, prompt, output, seed=seed, side=compare, steps=steps,
                             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=device,
-                            adapt_unconditional=adapt_unconditional, llm=llm)
+                            adapt_unconditional=adapt_unconditional, llm=llm, base_config=base_config,
+                            progress=not quiet, warn=lambda line: err.print(line, highlight=False, soft_wrap=True))
     console.print(f"wrote {path}")
 
 

@@ -43,13 +43,15 @@ def print_stats(name: str, stats: dict[str, Any]) -> None:
 
 
 def require_run(run_dir: Path) -> Path:
-    """`run_dir` if it is a surd run folder (it holds a stage folder or a dataset), else a one-line error."""
+    """`run_dir` if it is a surd run folder (`pipelines.runfolder.is_run`), else a one-line error."""
+    from pipelines.runfolder import is_run
+
     run_dir = Path(run_dir)
     if not run_dir.exists():
-        raise SurdError(f"run folder not found: {run_dir}")
+        raise SurdError(f"run folder not found: {run_dir}; run `surd collect ... --out {run_dir}` first")
     if not run_dir.is_dir():
         raise SurdError(f"not a folder: {run_dir} (a run folder is what `surd run ... --out` writes)")
-    folders = [layout.stage_dir(run_dir, s) for s in layout.STAGES] + [layout.dataset_dir(run_dir)]
-    if not any(folder.is_dir() for folder in folders):
-        raise SurdError(f"not a surd run folder: {run_dir} (no stage folder: {', '.join(layout.STAGES)})")
+    if not is_run(run_dir):
+        raise SurdError(f"not a surd run folder: {run_dir} (no stage folder: {', '.join(layout.STAGES)}); "
+                        f"run `surd collect ... --out {run_dir}` first")
     return run_dir

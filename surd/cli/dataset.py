@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,33 +49,61 @@ def run(
     out: Path = OutOpt,
     workers: int = WorkersOpt,
     until: str | None = typer.Option(None, "--until", help="stop after this stage"),
+    rebuild_from: str | None = typer.Option(None, "--from", help="rebuild this stage and every later one"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what the run would do, and write nothing"),
     executor: str = typer.Option("local", "--executor", help="local or ray"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (auto, ray://...)"),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Run a whole recipe into OUT (resumable: rerun to continue)."""
+    """Run a whole recipe into OUT (resumable: rerun to continue; changed settings rebuild what they change)."""
     from adapter.recipe import ModelRecipe
     from pipelines.recipe import load_recipe
     from pipelines.run import check_until, run_recipe
+    from pipelines.runfolder import check_out, hold
 
     check_until(until)
-    spec = load_recipe(recipe, out, model=ModelRecipe)
-    out.mkdir(parents=True, exist_ok=True)
-    _prepare(spec.prepare)
-    if executor == "local":
-        ran = run_recipe(spec, out, workers=workers, until=until, reviews=_reviews_for(out), progress=not quiet)
-    elif executor == "ray":
-        from pipelines.ray import run_recipe_ray
-
-        ran = run_recipe_ray(spec, out, until=until, address=address, reviews=_reviews_for(out),
-                             progress=not quiet, collect_workers=workers)
-    else:
+    check_until(rebuild_from, "--from")
+    if executor not in ("local", "ray"):
         raise SurdError(f"--executor {executor!r}: expected local or ray")
-    stats(out, as_json=False)
-    if spec.train is not None and (until is None or until == "train") and "export" in ran:
-        from surd.cli.adapter import train_from_recipe
+    spec = load_recipe(recipe, out, model=ModelRecipe)
+    check_out(out, own=_paths_inside(spec, out))
+    if dry_run:
+        _print_plan(spec, out, until, rebuild_from)
+        return
+    with hold(out):
+        _prepare(spec.prepare)
+        if executor == "local":
+            ran = run_recipe(spec, out, workers=workers, until=until, reviews=_reviews_for(out), progress=not quiet,
+                             rebuild_from=rebuild_from)
+        else:
+            from pipelines.ray import run_recipe_ray
 
-        train_from_recipe(spec, out)
+            ran = run_recipe_ray(spec, out, until=until, address=address, reviews=_reviews_for(out),
+                                 progress=not quiet, collect_workers=workers, rebuild_from=rebuild_from)
+        stats(out, as_json=False)
+        if spec.train is not None and (until is None or until == "train") and "export" in ran:
+            from surd.cli.adapter import train_from_recipe
+
+            train_from_recipe(spec, out)
+
+
+def _print_plan(spec: Any, out: Path, until: str | None, rebuild_from: str | None) -> None:
+    """`surd run --dry-run`: the plan, one line per source and stage; reads the run folder, writes nothing."""
+    from pipelines.plan import nothing_to_do, plan_run
+
+    console.print(f"[bold]plan for {out}[/] (recipe {spec.name}; nothing is written)")
+    prepare = spec.prepare
+    if prepare.demo_data and not Path(prepare.demo_data).exists():
+        console.print(f"prepare: will write the demo images to {prepare.demo_data}", markup=False)
+    if prepare.tiny_models and not (Path(prepare.tiny_models) / "DONE").exists():
+        console.print(f"prepare: will write tiny models to {prepare.tiny_models}", markup=False)
+    steps = plan_run(spec, out, until=until, rebuild_from=rebuild_from, reviews=_reviews_for(out))
+    for step in steps:
+        console.print(step.line(), markup=False, highlight=False)
+    if spec.train is not None and (until is None or until == "train"):
+        console.print("train: after export (the recipe's `train:` section)", markup=False)
+    if nothing_to_do(steps):
+        console.print("nothing to do: the run is up to date with the recipe", markup=False)
 
 
 def _prepare(prepare: Any) -> None:
@@ -126,12 +156,15 @@ def collect_cmd(
 ) -> None:
     """Collect prompt/image pairs from a source into OUT/collect/<name>/ (`surd collect SOURCE --help`: its options)."""
     from pipelines.collect import collect
+    from pipelines.runfolder import check_out, hold
     from surd.sources import source_config
 
     raw = {"type": source, "path": path, "name": name, "max_items": max_items, "limit": limit,
            "api_base": api_base, "rows_per_shard": rows_per_shard, **parse_sets(option, "--option")}
     config = source_config({k: v for k, v in raw.items() if v is not None})
-    print_stats("collect", collect(out, config, workers=workers, progress=not quiet))
+    check_out(out)
+    with hold(out):
+        print_stats("collect", collect(out, config, workers=workers, progress=not quiet))
 
 
 def explain_cmd(
@@ -173,7 +206,35 @@ def run_one_stage(stage: str, run_dir: Path, recipe: Path | None, sets: list[str
     if overrides:
         config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         config = type(config).model_validate(config.model_dump())
-    print_stats(stage, run_stage(run_dir, stage, config, workers=workers, progress=not quiet))
+    with writing(run_dir):
+        print_stats(stage, run_stage(run_dir, stage, config, workers=workers, progress=not quiet))
+
+
+def _paths_inside(spec: Any, out: Path) -> list[Path]:
+    """The paths a recipe names inside its run folder (`${out}/images`): the user put them there on purpose."""
+    found: list[Path] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value and Path(out).resolve() in Path(value).resolve().parents:
+            found.append(Path(value))
+
+    walk(spec.model_dump(mode="json"))
+    return found
+
+
+@contextmanager
+def writing(run_dir: Path) -> Iterator[None]:
+    """A stage command's hold on an existing run folder (its lock), refusing a folder that is not a run."""
+    from pipelines.runfolder import hold
+
+    with hold(require_run(run_dir)):
+        yield
 
 
 def _stage_command(stage: str, help_text: str) -> Any:
@@ -213,7 +274,8 @@ def fetch_cmd(
 
     config = stage_options("fetch", run_dir, recipe, sets)
     config = type(config).model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v}})
-    summary = retry_pass(run_dir, config, progress=not quiet)
+    with writing(run_dir):
+        summary = retry_pass(run_dir, config, progress=not quiet)
     console.print(
         f"[bold]fetch --retry-failed[/]: {summary['retried']} retried, {summary['recovered']} recovered, "
         f"{summary['still_failing']} still failing"
@@ -229,8 +291,9 @@ def clean_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Clean prompts and images, then drop exact and near duplicates (stages clean + dedup)."""
-    run_one_stage("clean", run_dir, recipe, sets, workers, quiet)
-    run_one_stage("dedup", run_dir, recipe, dedup_sets, workers, quiet)
+    with writing(run_dir):
+        run_one_stage("clean", run_dir, recipe, sets, workers, quiet)
+        run_one_stage("dedup", run_dir, recipe, dedup_sets, workers, quiet)
 
 
 def export_cmd(
@@ -244,17 +307,22 @@ def export_cmd(
     """Write the final dataset: DIR/surd/ (HF hub layout), or DIR/surd-imagefolder/ (original SURD layout)."""
     from pydantic import ValidationError
 
-    from pipelines.export import ExportConfig, export
+    from pipelines.export import ExportConfig, export, last_recipe_name
     from pipelines.recipe import load_recipe
 
-    base = load_recipe(recipe, run_dir).export.model_dump() if recipe else {}
+    spec = load_recipe(recipe, run_dir) if recipe else None
+    base = spec.export.model_dump() if spec else {}
     base.update({k: v for k, v in {"format": fmt, "test_fraction": test_fraction,
                                     "shard_size_mb": shard_size_mb}.items() if v is not None})
     try:
         config = ExportConfig.model_validate(base)
     except ValidationError as e:
         raise SurdError(explain_validation(e, "export options")) from None
-    print_stats("export", export(run_dir, config, reviews=_reviews_for(run_dir), progress=not quiet))
+    # the card's title: the recipe's name, else the one the last export used (so the same export is not redone)
+    name = spec.name if spec else (last_recipe_name(run_dir) or "surd")
+    with writing(run_dir):
+        stats_ = export(run_dir, config, reviews=_reviews_for(run_dir), recipe_name=name, progress=not quiet)
+    print_stats("export", stats_)
     console.print(f"dataset: {layout.dataset_dir(run_dir)}")
 
 
@@ -263,15 +331,23 @@ def stats(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Rows in / kept / dropped (by reason) for every stage of a run."""
-    from surd.shards import stage_stats
+    from pipelines.fingerprint import stale
+    from surd.shards import MANIFEST, stage_stats
 
     require_run(run_dir)
     result = {}
     for stage in layout.stages_present(run_dir):
-        s = stage_stats(layout.stage_dir(run_dir, stage))
+        folder = layout.stage_dir(run_dir, stage)
+        s = stage_stats(folder)
         result[stage] = {"in": s["in"], "kept": s["kept"], "dropped": dict(sorted(s["dropped"].items()))}
         if s.get("counters"):
             result[stage]["counters"] = s["counters"]
+        # numbers of a stage that is unfinished, or built from an input that has changed since, say so
+        if not (folder / MANIFEST).exists():
+            result[stage]["unfinished"] = True
+        why = stale(run_dir, stage)
+        if why:
+            result[stage]["stale"] = why
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -280,7 +356,10 @@ def stats(
         table.add_column(column, justify="right" if column in ("in", "kept", "dropped") else "left")
     for stage, s in result.items():
         reasons = ", ".join(f"{r}: {n}" for r, n in s["dropped"].items()) or "-"
-        table.add_row(stage, str(s["in"]), str(s["kept"]), str(sum(s["dropped"].values())), reasons)
+        notes = [note for note in ("unfinished" if s.get("unfinished") else "",
+                                   f"stale: {s['stale']}" if s.get("stale") else "") if note]
+        label = f"{stage} ({'; '.join(notes)})" if notes else stage
+        table.add_row(label, str(s["in"]), str(s["kept"]), str(sum(s["dropped"].values())), reasons)
     console.print(table)
 
 
