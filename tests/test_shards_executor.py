@@ -18,7 +18,6 @@ import pytest
 
 from pipelines.executor import (
     Stage,
-    check_fingerprint,
     commit,
     drop_records,
     input_stage,
@@ -27,7 +26,7 @@ from pipelines.executor import (
     run_job,
 )
 from surd import layout, shards
-from surd.errors import ShardError, StageError, SurdError
+from surd.errors import ShardError, StageError
 from surd.rows import Drop, StageConfig
 from surd.schema import DROPPED_SCHEMA, SCHEMA, SCHEMA_VERSION, from_rows
 
@@ -261,17 +260,6 @@ def test_stage_call_setup_counters_and_a_wrong_result_count() -> None:
     bare.setup()
 
 
-def test_check_fingerprint_records_then_refuses_another_input(tmp_path: Path) -> None:
-    record = {"input_stage": "clean", "shards": ["a"]}
-    check_fingerprint(tmp_path, record, StageError, lambda previous: "unused")
-    assert json.loads((tmp_path / layout.FINGERPRINT).read_text()) == record
-    check_fingerprint(tmp_path, dict(record), StageError, lambda previous: "unused")  # the same: fine
-    with pytest.raises(StageError, match="built from clean with 1"):
-        check_fingerprint(tmp_path, {"input_stage": "fetch", "shards": ["a"]}, StageError,
-                          lambda previous: f"built from {previous['input_stage']} with {len(previous['shards'])}")
-    assert json.loads((tmp_path / layout.FINGERPRINT).read_text()) == record  # the record is not replaced
-
-
 def test_remove_stale_temp_files(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/.x.parquet.1.tmp", "a/b/.y.json.2.tmp", "a/keep.parquet", "a/visible.tmp", "a/.hidden"):
@@ -305,7 +293,8 @@ class _Config(StageConfig):
         return _Every()
 
 
-def test_open_stage_plans_resumes_and_refuses_a_changed_input(tmp_path: Path) -> None:
+def test_open_stage_plans_resumes_and_rebuilds_on_a_changed_input(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _finished(tmp_path, "collect", "s/part-00000", "s/part-00001", "s/part-00002")
     config = _Config(batch_size=3)
     job = open_stage(tmp_path, "clean", config)
@@ -317,9 +306,8 @@ def test_open_stage_plans_resumes_and_refuses_a_changed_input(tmp_path: Path) ->
     assert stats["in"] == 4 and stats["kept"] == 2 and stats["dropped"] == {"odd": 2}
     assert stats["counters"] == {"seen": 4}
     assert pq.read_table(shards.side_path(job.out, "ids", "s/part-00001")).num_rows == 4
-    # A killed run's leftovers: a temp file goes, a done shard is not redone, the manifest waits for the rest.
+    # A killed run's leftovers: a temp file goes, a done shard is not redone.
     (job.out / "s" / ".part-00002.parquet.zz.tmp").write_bytes(b"")
-    (job.out / shards.MANIFEST).write_text("{}")
     again = open_stage(tmp_path, "clean", config)
     assert again.todo == ["s/part-00000", "s/part-00002"]
     assert not (job.out / shards.MANIFEST).exists() and not list(job.out.rglob(".*.tmp"))
@@ -329,13 +317,16 @@ def test_open_stage_plans_resumes_and_refuses_a_changed_input(tmp_path: Path) ->
     assert totals["counters"] == {"seen": 12}  # each shard counted its own rows once
     assert shards.read_manifest(job.out)["input_stage"] == "collect"
     assert open_stage(tmp_path, "clean", config).todo == []
-    # A new input shard: the output folder was built from another input, and says so.
+    # A new input shard: the folder was built from another input, so it is rebuilt (saying why), whole.
+    (layout.stage_dir(tmp_path, "dedup") / "_stats").mkdir(parents=True)  # a later stage goes with it
     _finished(tmp_path, "collect", "s/part-00000", "s/part-00001", "s/part-00002", "s/part-00003")
-    with pytest.raises(StageError, match=r"different input \(collect, 3 shards\); delete .* to rebuild") as e:
-        open_stage(tmp_path, "clean", config)
-    assert isinstance(e.value, SurdError)
-    fresh = open_stage(tmp_path, "clean", config, fresh=True)
-    assert len(fresh.todo) == 4 and not shards.stage_stats(fresh.out)["shards"]
+    rebuilt = open_stage(tmp_path, "clean", config)
+    assert "clean: input collect has other shards (3 -> 4); rebuilding clean, dedup" in " ".join(
+        capsys.readouterr().err.split())
+    assert len(rebuilt.todo) == 4 and not shards.stage_stats(rebuilt.out)["shards"]
+    assert not layout.stage_dir(tmp_path, "dedup").exists()
+    assert json.loads((rebuilt.out / layout.FINGERPRINT).read_text())["input"]["shards"] == [
+        f"s/part-0000{i}" for i in range(4)]
 
 
 def test_run_job_serially_with_any_unit(tmp_path: Path) -> None:
