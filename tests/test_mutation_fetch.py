@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import pickle
+import socket
 import struct
 import warnings
 import zlib
@@ -11,6 +14,7 @@ import zlib
 import pytest
 from PIL import Image
 
+from surd.fetch import CheckedResolver, FetchConfig, PrivateAddressError
 from surd.fetch_image import DecodedImage, ImageProblem, decode_image
 
 
@@ -129,3 +133,33 @@ def test_resizing_keeps_a_writable_format_and_turns_others_into_png() -> None:
         assert kept.mode == mode
     cmyk = _decoded(decode_image(_encode(_gradient(80, 80, "CMYK"), "JPEG"), max_pixels=10**6, image_format="PNG"))
     assert cmyk.mode == "RGB"
+
+
+# ---- the resolver and the worker copy ----
+
+
+def test_the_resolver_refuses_a_private_answer_and_passes_the_port() -> None:
+    async def resolve(allow: bool, *args: object) -> list:
+        resolver = CheckedResolver(allow)
+        try:
+            return await resolver.resolve("localhost", *args)
+        finally:
+            await resolver.close()
+
+    with pytest.raises(PrivateAddressError, match=r"^localhost resolves to 127\.0\.0\.1: not a public address$"):
+        asyncio.run(resolve(False, 80))
+    [answer] = asyncio.run(resolve(True, 8080, socket.AF_INET))
+    assert (answer["hostname"], answer["host"], answer["port"]) == ("localhost", "127.0.0.1", 8080)
+    [answer] = asyncio.run(resolve(True))
+    assert answer["port"] == 0
+
+
+def test_a_fetcher_pickles_without_its_thread_and_keeps_its_rate() -> None:
+    fetcher = FetchConfig(requests_per_second=4).build()
+    fetcher._event_loop()  # what a first batch starts: a loop in a thread, not picklable
+    try:
+        copy = pickle.loads(pickle.dumps(fetcher))
+    finally:
+        fetcher.close()
+    assert copy._limiter.interval == 0.25 and "_runtime" not in copy.__dict__
+    assert copy.config == fetcher.config
