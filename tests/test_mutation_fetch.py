@@ -8,14 +8,17 @@ import io
 import pickle
 import socket
 import struct
+import time
 import warnings
 import zlib
 
 import pytest
+from civitai_server import FakeCivitai, image_bytes
 from PIL import Image
 
 from surd.fetch import CheckedResolver, FetchConfig, PrivateAddressError
-from surd.fetch_image import DecodedImage, ImageProblem, decode_image
+from surd.fetch_image import DecodedImage, ImageProblem, _rewrite, decode_image
+from surd.rows import Drop
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
@@ -83,7 +86,7 @@ def test_pillows_own_bomb_limits_are_bombs_and_warn_nobody() -> None:
 
 
 def test_resize_limit_at_below_and_above() -> None:
-    data = _encode(_gradient(200, 100))
+    data = _encode(_gradient(200, 100), compress_level=1)  # Pillow's default level would write other bytes
     assert decode_image(data, max_pixels=10**6, resize_max_side=200).data == data  # at the limit: untouched
     assert decode_image(data, max_pixels=10**6, resize_max_side=201).data == data
     img = _decoded(decode_image(data, max_pixels=10**6, resize_max_side=199))
@@ -92,10 +95,13 @@ def test_resize_limit_at_below_and_above() -> None:
     assert img.size == (50, 25)
     tall = _decoded(decode_image(_encode(_gradient(20, 80)), max_pixels=10**6, resize_max_side=40))
     assert tall.size == (10, 40)  # the longer side is the one limited
+    expected = _gradient(200, 100)
+    expected.thumbnail((50, 50), Image.Resampling.LANCZOS)
+    assert img.tobytes() == expected.tobytes()  # shrunk with Lanczos, like the hash's resize
 
 
 def test_a_target_format_reencodes_only_another_format() -> None:
-    png = _encode(_gradient(32, 32))
+    png = _encode(_gradient(32, 32), compress_level=1)
     assert decode_image(png, max_pixels=10**6, image_format="PNG").data == png
     jpeg = _decoded(decode_image(png, max_pixels=10**6, image_format="JPEG"))
     assert jpeg.format == "JPEG" and jpeg.size == (32, 32)
@@ -113,6 +119,7 @@ def test_quality_reaches_lossy_encoders(fmt: str) -> None:
     assert isinstance(high, DecodedImage) and isinstance(low, DecodedImage)
     assert len(low.data) < len(high.data)
     assert high.data == _encode(_gradient(64, 64), fmt, quality=95)
+    assert decode_image(png, max_pixels=10**6, image_format=fmt) == high  # 95 unless told
 
 
 def test_resizing_keeps_a_writable_format_and_turns_others_into_png() -> None:
@@ -128,6 +135,9 @@ def test_resizing_keeps_a_writable_format_and_turns_others_into_png() -> None:
     assert (opaque.format, opaque.mode) == ("PNG", "RGB")
     clear = _decoded(decode_image(_encode(palette, "GIF", transparency=0), max_pixels=10**6, resize_max_side=40))
     assert (clear.format, clear.mode) == ("PNG", "RGBA")
+    rgb_key = _gradient(80, 80)  # an RGB PNG with a transparent colour (tRNS) stays RGB
+    kept = _decoded(decode_image(_encode(rgb_key, transparency=(0, 0, 0)), max_pixels=10**6, resize_max_side=40))
+    assert kept.mode == "RGB"
     for mode in ("LA", "RGBA", "L"):
         kept = _decoded(decode_image(_encode(_gradient(80, 80, mode)), max_pixels=10**6, resize_max_side=40))
         assert kept.mode == mode
@@ -161,5 +171,39 @@ def test_a_fetcher_pickles_without_its_thread_and_keeps_its_rate() -> None:
         copy = pickle.loads(pickle.dumps(fetcher))
     finally:
         fetcher.close()
-    assert copy._limiter.interval == 0.25 and "_runtime" not in copy.__dict__
+    # the loop, its thread and the finalizer that stops them stay with the original
+    assert copy._limiter.interval == 0.25 and "_runtime" not in copy.__dict__ and "_finalizer" not in copy.__dict__
     assert copy.config == fetcher.config
+
+
+def test_an_alpha_band_survives_reencoding() -> None:
+    # palette + alpha (PA) is no mode PNG writes: converted, keeping its alpha
+    data, fmt, width, height = _rewrite(Image.new("PA", (6, 4)), "PNG", None, None, 95)
+    assert (fmt, width, height, Image.open(io.BytesIO(data)).mode) == ("PNG", 6, 4, "RGBA")
+
+
+def test_close_stops_the_download_thread() -> None:
+    fetcher = FetchConfig().build()
+    loop = fetcher._event_loop()
+    deadline = time.monotonic() + 5
+    while not loop.is_running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.is_running()
+    fetcher.close()
+    while loop.is_running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not loop.is_running()
+
+
+def test_fetched_images_are_reencoded_at_the_configured_quality_and_a_bare_redirect_is_dropped() -> None:
+    with FakeCivitai(n_items=1) as server:
+        base = {"allowed_hosts": ["127.0.0.1"], "allow_private_hosts": True, "max_retries": 0}
+        fetcher = FetchConfig(**base, image_format="JPEG", quality=10).build()
+        try:
+            rows = [{"id": "a", "image_url": f"{server.base}/img/ok/3.png?size=40"},
+                    {"id": "b", "image_url": f"{server.base}/img/status/302/a"}]
+            row, bare = fetcher.process_batch(rows)
+        finally:
+            fetcher.close()
+    assert row["image"]["bytes"] == _encode(Image.open(io.BytesIO(image_bytes(3, "png", 40))), "JPEG", quality=10)
+    assert bare == Drop("bad_redirect", "HTTP 302 without Location")
