@@ -8,9 +8,11 @@ import io
 import pickle
 import socket
 import struct
+import threading
 import time
 import warnings
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from civitai_server import FakeCivitai, image_bytes
@@ -203,7 +205,46 @@ def test_fetched_images_are_reencoded_at_the_configured_quality_and_a_bare_redir
             rows = [{"id": "a", "image_url": f"{server.base}/img/ok/3.png?size=40"},
                     {"id": "b", "image_url": f"{server.base}/img/status/302/a"}]
             row, bare = fetcher.process_batch(rows)
+            runtime = fetcher._runtime
         finally:
             fetcher.close()
+    assert runtime["session"].closed  # close closes the connections too, not only the thread
     assert row["image"]["bytes"] == _encode(Image.open(io.BytesIO(image_bytes(3, "png", 40))), "JPEG", quality=10)
     assert bare == Drop("bad_redirect", "HTTP 302 without Location")
+
+
+class _Plain(BaseHTTPRequestHandler):
+    """Answers with a PNG under whatever Content-Type the path names (`/none`: no Content-Type at all)."""
+
+    types = {"/none": None, "/octet": "application/octet-stream; charset=binary", "/html": "text/html; charset=utf-8",
+             "/png": "Image/PNG ; q=1"}
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server spelling)
+        body = _encode(_gradient(8, 8)) if self.path != "/html" else b"<!doctype html><title>login</title>"
+        self.send_response(200)
+        if self.types[self.path] is not None:
+            self.send_header("Content-Type", self.types[self.path])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_content_types_an_image_may_come_with() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Plain)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0).build()
+    try:
+        rows = [{"id": p, "image_url": base + p} for p in ("/none", "/octet", "/png", "/html")]
+        none, octet, png, html = fetcher.process_batch(rows)
+    finally:
+        fetcher.close()
+        server.shutdown()
+        server.server_close()
+    # no type, generic binary (parameters aside) and image/* in any case are images; the rest are not
+    assert none["width"] == octet["width"] == png["width"] == 8
+    assert html == Drop("not_an_image", "content-type text/html")
