@@ -217,9 +217,12 @@ class _Plain(BaseHTTPRequestHandler):
     """Answers with a PNG under whatever Content-Type the path names (`/none`: no Content-Type at all)."""
 
     types = {"/none": None, "/octet": "application/octet-stream; charset=binary", "/html": "text/html; charset=utf-8",
-             "/png": "Image/PNG ; q=1"}
+             "/png": "Image/PNG ; q=1", "/hangup": None}
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server spelling)
+        if self.path == "/hangup":
+            self.close_connection = True  # no answer at all
+            return
         body = _encode(_gradient(8, 8)) if self.path != "/html" else b"<!doctype html><title>login</title>"
         self.send_response(200)
         if self.types[self.path] is not None:
@@ -248,3 +251,69 @@ def test_content_types_an_image_may_come_with() -> None:
     # no type, generic binary (parameters aside) and image/* in any case are images; the rest are not
     assert none["width"] == octet["width"] == png["width"] == 8
     assert html == Drop("not_an_image", "content-type text/html")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_each_failure_says_what_happened() -> None:
+    plain = ThreadingHTTPServer(("127.0.0.1", 0), _Plain)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    options = {"allowed_hosts": ["127.0.0.1", "localhost", "nosuch.invalid"], "allow_private_hosts": True,
+               "max_retries": 0, "timeout": 5.0, "total_timeout": 0.5}
+    try:
+        with FakeCivitai(n_items=1) as server:
+            port = server.base.rsplit(":", 1)[1]
+            urls = [f"{server.base}/img/slow/a?s=3", f"http://127.0.0.1:{_closed_port()}/a",
+                    "http://nosuch.invalid/a", f"http://127.0.0.1:{plain.server_address[1]}/hangup",
+                    f"{server.base}/img/truncated/a", f"http://localhost:{port}/img/ok/1.png"]
+            fetcher = FetchConfig(**options).build()
+            try:
+                slow, refused, unknown, hangup, cut, local = fetcher.process_batch(
+                    [{"id": str(i), "image_url": u} for i, u in enumerate(urls)])
+            finally:
+                fetcher.close()
+            strict = FetchConfig(**{**options, "allow_private_hosts": False}).build()
+            try:
+                [private] = strict.process_batch([{"id": "p", "image_url": f"http://localhost:{port}/img/ok/1.png"}])
+            finally:
+                strict.close()
+    finally:
+        plain.shutdown()
+        plain.server_close()
+    assert slow == Drop("timeout", "no complete response within the time limits (0.5s)")
+    assert refused.reason == "connect_error" and "Cannot connect to host 127.0.0.1" in refused.detail
+    assert unknown.reason == "unknown_host" and "nosuch.invalid" in unknown.detail
+    assert hangup == Drop("network_error", "ServerDisconnectedError: Server disconnected")
+    assert cut.reason == "truncated" and "payload" in cut.detail.lower()
+    assert isinstance(local, dict) and local["width"] > 0  # a host name resolving to loopback, allowed here
+    assert private == Drop("private_host", "localhost resolves to 127.0.0.1: not a public address")
+
+
+def test_a_stalled_body_times_out_between_bytes() -> None:
+    # a byte every 0.2 s never trips the total limit soon; the limit between received bytes does
+    with FakeCivitai(n_items=1) as server:
+        fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0, timeout=0.1,
+                              total_timeout=60).build()
+        start = time.monotonic()
+        try:
+            [row] = fetcher.process_batch([{"id": "a", "image_url": f"{server.base}/img/drip/a"}])
+        finally:
+            fetcher.close()
+    assert row.reason == "timeout" and time.monotonic() - start < 10
+
+
+def test_every_row_is_reported_once() -> None:
+    with FakeCivitai(n_items=1) as server:
+        fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0).build()
+        calls: list[int] = []
+        fetcher.on_rows = calls.append
+        try:
+            fetcher.process_batch([{"id": str(i), "image_url": f"{server.base}/img/ok/{i}.png"} for i in range(3)]
+                                  + [{"id": "x", "image_url": f"{server.base}/img/status/404/x"}])
+        finally:
+            fetcher.close()
+    assert calls == [1, 1, 1, 1]
