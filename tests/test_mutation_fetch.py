@@ -306,14 +306,20 @@ def test_a_stalled_body_times_out_between_bytes() -> None:
     assert row.reason == "timeout" and time.monotonic() - start < 10
 
 
-def test_every_row_is_reported_once() -> None:
+def test_every_row_is_reported_once_and_counted() -> None:
     with FakeCivitai(n_items=1) as server:
         fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0).build()
         calls: list[int] = []
         fetcher.on_rows = calls.append
+        rows = [{"id": str(i), "image_url": f"{server.base}/img/ok/{i}.png"} for i in range(3)]
+        rows += [{"id": "x", "image_url": f"{server.base}/img/status/404/x"}, {"id": "y", "image_url": None},
+                 {"id": "z", "image": {"bytes": b"kept", "path": None}}]
         try:
-            fetcher.process_batch([{"id": str(i), "image_url": f"{server.base}/img/ok/{i}.png"} for i in range(3)]
-                                  + [{"id": "x", "image_url": f"{server.base}/img/status/404/x"}])
+            results = fetcher.process_batch(rows)
         finally:
             fetcher.close()
-    assert calls == [1, 1, 1, 1]
+    assert calls == [1] * 5  # every download tried, not the row that had its bytes
+    assert [r["image"] for r in results[:3]] == [{"bytes": image_bytes(i, "png"), "path": None} for i in range(3)]
+    assert results[4] == Drop("no_image_url", "row has neither image bytes nor image_url")
+    assert dict(fetcher.counters) == {"downloaded": 3, "bytes": sum(len(image_bytes(i, "png")) for i in range(3)),
+                                      "passed_through": 1}
