@@ -323,3 +323,42 @@ def test_every_row_is_reported_once_and_counted() -> None:
     assert results[4] == Drop("no_image_url", "row has neither image bytes nor image_url")
     assert dict(fetcher.counters) == {"downloaded": 3, "bytes": sum(len(image_bytes(i, "png")) for i in range(3)),
                                       "passed_through": 1}
+
+
+def test_url_problems_and_redirects_say_what_happened() -> None:
+    with FakeCivitai(n_items=1) as server:
+        base = server.base
+        fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0,
+                              max_redirects=2, timeout=2.0, total_timeout=4.0).build()
+        urls = ["http://[::1", "ftp://127.0.0.1/a", "http:///a", f"https://{base.split('://')[1]}/img/ok/1.png",
+                f"{base}/img/redirect?to=/img/redirect%3Fto%3D/img/ok/2.png", f"{base}/img/redirect?to=http://[::1",
+                f"{base}/img/redirect-loop/k"]
+        try:
+            bad, ftp, nohost, tls, twice, bad_hop, loop = fetcher.process_batch(
+                [{"id": str(i), "image_url": u} for i, u in enumerate(urls)])
+        finally:
+            fetcher.close()
+    assert bad == Drop("bad_url", "Invalid IPv6 URL")
+    assert ftp == Drop("bad_url", "scheme 'ftp' (only http and https)")
+    assert nohost == Drop("bad_url", "no host in http:///a")
+    assert isinstance(tls, Drop) and tls.reason != "bad_url"  # https is allowed (the loopback server has no TLS)
+    # every redirect followed is counted: 2 on the way to ok/2.png, 1 to the bad hop, 3 around the loop
+    assert twice["image"]["bytes"] == image_bytes(2) and fetcher.counters["redirects"] == 2 + 1 + 3
+    assert bad_hop == Drop("bad_url", "redirect to 'http://[::1': Invalid IPv6 URL")
+    assert loop == Drop("too_many_redirects", f"more than 2 redirects from {base}/img/redirect-loop/k")
+
+
+def test_the_rate_limit_is_per_host() -> None:
+    # one request a second per host: two hosts (the same server by two names) are not made to wait for each other
+    with FakeCivitai(n_items=1) as server:
+        fetcher = FetchConfig(allowed_hosts=["127.0.0.1", "localhost"], allow_private_hosts=True, max_retries=0,
+                              requests_per_second=0.25).build()
+        try:
+            start = time.monotonic()
+            a, b = fetcher.process_batch([{"id": "a", "image_url": f"http://localhost:{server.port}/img/ok/1.png"},
+                                          {"id": "b", "image_url": f"http://127.0.0.1:{server.port}/img/ok/2.png"}])
+            elapsed = time.monotonic() - start
+        finally:
+            fetcher.close()
+    assert isinstance(a, dict) and isinstance(b, dict)
+    assert elapsed < 3.5  # one slot for both would hold the second for 4 s
