@@ -187,6 +187,10 @@ def test_an_alpha_band_survives_reencoding() -> None:
 def test_close_stops_the_download_thread() -> None:
     fetcher = FetchConfig().build()
     loop = fetcher._event_loop()
+    assert fetcher._event_loop() is loop  # one loop for every batch
+    # a daemon thread that says what it is (it never holds up the interpreter's exit)
+    [thread] = [t for t in threading.enumerate() if t.name == "surd-fetch" and t.is_alive()]
+    assert thread.daemon
     deadline = time.monotonic() + 5
     while not loop.is_running() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -308,7 +312,8 @@ def test_a_stalled_body_times_out_between_bytes() -> None:
 
 def test_every_row_is_reported_once_and_counted() -> None:
     with FakeCivitai(n_items=1) as server:
-        fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0).build()
+        fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0, concurrency=1,
+                              per_host=1).build()
         calls: list[int] = []
         fetcher.on_rows = calls.append
         rows = [{"id": str(i), "image_url": f"{server.base}/img/ok/{i}.png"} for i in range(3)]
@@ -316,13 +321,15 @@ def test_every_row_is_reported_once_and_counted() -> None:
                  {"id": "z", "image": {"bytes": b"kept", "path": None}}]
         try:
             results = fetcher.process_batch(rows)
+            fetcher.process_batch([rows[-1], {"id": "3", "image_url": f"{server.base}/img/ok/3.png"}])
         finally:
             fetcher.close()
-    assert calls == [1] * 5  # every download tried, not the row that had its bytes
+    assert server.connections == 1  # one session across batches: the connection is reused
+    assert calls == [1] * 6  # every download tried, not the row that had its bytes
     assert [r["image"] for r in results[:3]] == [{"bytes": image_bytes(i, "png"), "path": None} for i in range(3)]
     assert results[4] == Drop("no_image_url", "row has neither image bytes nor image_url")
-    assert dict(fetcher.counters) == {"downloaded": 3, "bytes": sum(len(image_bytes(i, "png")) for i in range(3)),
-                                      "passed_through": 1}
+    assert dict(fetcher.counters) == {"downloaded": 4, "bytes": sum(len(image_bytes(i, "png")) for i in range(4)),
+                                      "passed_through": 2}
 
 
 def test_url_problems_and_redirects_say_what_happened() -> None:
