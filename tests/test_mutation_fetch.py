@@ -21,6 +21,7 @@ from PIL import Image
 from surd.fetch import CheckedResolver, FetchConfig, PrivateAddressError
 from surd.fetch_image import DecodedImage, ImageProblem, _rewrite, decode_image
 from surd.rows import Drop
+from surd.sources.http import RetryPolicy
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
@@ -356,16 +357,24 @@ def test_url_problems_and_redirects_say_what_happened() -> None:
 
 
 def test_the_rate_limit_is_per_host() -> None:
-    # one request a second per host: two hosts (the same server by two names) are not made to wait for each other
+    # one request every 2 s per host: two hosts (the same server by two names) do not wait for each other, a
+    # second request to one of them does
     with FakeCivitai(n_items=1) as server:
         fetcher = FetchConfig(allowed_hosts=["127.0.0.1", "localhost"], allow_private_hosts=True, max_retries=0,
-                              requests_per_second=0.25).build()
+                              requests_per_second=0.5).build()
         try:
             start = time.monotonic()
             a, b = fetcher.process_batch([{"id": "a", "image_url": f"http://localhost:{server.port}/img/ok/1.png"},
                                           {"id": "b", "image_url": f"http://127.0.0.1:{server.port}/img/ok/2.png"}])
-            elapsed = time.monotonic() - start
+            both = time.monotonic() - start
+            [c] = fetcher.process_batch([{"id": "c", "image_url": f"http://localhost:{server.port}/img/ok/3.png"}])
+            again = time.monotonic() - start
         finally:
             fetcher.close()
-    assert isinstance(a, dict) and isinstance(b, dict)
-    assert elapsed < 3.5  # one slot for both would hold the second for 4 s
+    assert isinstance(a, dict) and isinstance(b, dict) and isinstance(c, dict)
+    assert both < 1.8 <= again
+
+
+def test_retry_settings_reach_the_policy() -> None:
+    fetcher = FetchConfig(max_retries=2, backoff_base=0.5, retry_after_max=7).build()
+    assert fetcher.policy == RetryPolicy(max_retries=2, backoff_base=0.5, retry_after_max=7)
