@@ -1,0 +1,159 @@
+"""What mutation testing found untested in shard I/O, the executor and fingerprints: thread counts, plan progress,
+discarding folders, the rebuild notice, a worker's side of the pool (called here in process), the umask."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from pipelines import executor, fingerprint
+from pipelines.executor import Job, Stage, StageJob, commit, discard, invalidate, model_threads, remove_trash
+from surd import layout, shards
+from surd.rows import RowProcessor
+from surd.schema import from_rows
+
+
+class _Model(RowProcessor):
+    def setup(self) -> None:  # a stage with a model of its own
+        pass
+
+
+class _Config:
+    def __init__(self, num_cpus: float) -> None:
+        self.num_cpus = num_cpus
+
+
+def test_model_threads_only_for_stages_with_their_own_setup() -> None:
+    assert model_threads(_Config(3.7), _Model()) == 3  # whole threads
+    assert model_threads(_Config(0.5), _Model()) == 1  # at least one
+    assert model_threads(_Config(2), RowProcessor()) is None  # the inherited no-op setup: no model
+    assert model_threads(_Config(2), object()) is None  # no setup at all
+    assert model_threads(object(), _Model()) == 1  # no num_cpus: one
+
+
+class _Planner:
+    on_rows = None
+
+    def __init__(self) -> None:
+        self.seen_callback: Any = None
+
+    def plan(self, index: Any) -> None:
+        self.seen_callback = self.on_rows
+        if self.on_rows is not None:
+            self.on_rows(5)
+            self.on_rows(5)  # more than the rows: capped
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        return rows
+
+
+def test_plan_progress_is_lent_capped_and_taken_back() -> None:
+    processor = _Planner()
+    calls: list[int] = []
+    Stage("dedup", processor).plan(None, 7, calls.append)
+    assert calls == [5, 2] and processor.seen_callback is not None and processor.on_rows is None
+    Stage("dedup", processor).plan(None, on_rows=calls.append)  # rows unknown (0): nothing to report
+    assert calls == [5, 2]
+    Stage("dedup", processor).plan(None, 7)
+    assert processor.seen_callback is None  # nobody listens: no callback lent
+
+
+def test_discard_leaves_no_trash_and_remove_trash_finishes_a_killed_one(tmp_path: Path) -> None:
+    (tmp_path / "clean" / "s").mkdir(parents=True)
+    (tmp_path / "clean" / "s" / "x.parquet").write_bytes(b"x")
+    killed = tmp_path / f"{layout.TRASH_PREFIX}old"  # what a discard killed before its rmtree left
+    (killed / "clean").mkdir(parents=True)
+    (tmp_path / "keep").mkdir()
+    discard(tmp_path, tmp_path / "clean")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    (killed / "dedup").mkdir(parents=True)
+    remove_trash(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    discard(tmp_path, tmp_path / "missing")  # nothing to do
+
+
+def test_invalidate_says_what_it_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert invalidate(tmp_path, "clean", "why") == []
+    assert capsys.readouterr().err == ""  # nothing removed: nothing said
+    for stage in ("dedup", "nsfw"):
+        (tmp_path / stage).mkdir()
+    # the stage itself is named first even when its folder is gone (its later stages are rebuilt with it) ...
+    assert invalidate(tmp_path, "clean", "why") == ["dedup", "nsfw"]
+    assert " ".join(capsys.readouterr().err.split()) == "clean: why; rebuilding clean, dedup, nsfw"
+    for stage in ("dedup", "nsfw"):
+        (tmp_path / stage).mkdir()
+    # ... while a command that removes folders for its own reason lists only what it removes
+    assert invalidate(tmp_path, "clean", "why", who="surd run --from clean") == ["dedup", "nsfw"]
+    assert " ".join(capsys.readouterr().err.split()) == "surd run --from clean: why; rebuilding dedup, nsfw"
+    (tmp_path / "nsfw").mkdir()
+    assert invalidate(tmp_path, "nsfw", "why", quiet=True) == ["nsfw"] and capsys.readouterr().err == ""
+
+
+class _Rows(Job):
+    """A job of two shards whose run reports the rows it finished."""
+
+    def __init__(self) -> None:
+        self.todo = ["a", "b"]
+        self.ready = False
+
+    def setup(self) -> None:
+        self.ready = True
+
+    def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
+        assert self.ready
+        on_rows(3 if rel == "a" else 4)
+        return {"rel": rel}
+
+
+def test_a_workers_side_of_the_pool_in_process() -> None:
+    # what each spawned worker does: set the job up once, run shards, add finished rows to the shared counter
+    job, finished = _Rows(), multiprocessing.get_context("spawn").Value("q", 0)
+    executor._init_worker(job, finished)
+    try:
+        assert job.ready
+        assert executor._run_in_worker("a") == {"rel": "a"} and executor._run_in_worker("b") == {"rel": "b"}
+        assert finished.value == 7
+    finally:
+        executor._WORKER_JOB = executor._WORKER_ROWS = None
+    assert Job().size("anything") == 1 and job.total() == 2  # a plain job counts shards
+
+
+def test_close_writes_the_manifest_under_the_stage_name(tmp_path: Path) -> None:
+    out = tmp_path / "clean"
+    commit(out, "s/part-00000", from_rows([{"id": "a"}]), shards.empty_dropped(), 1, 0.1)
+    job = StageJob("clean", None, "collect", tmp_path / "collect", out)
+    assert job.close({"extra": 1})["kept"] == 1
+    manifest = shards.read_manifest(out)
+    assert (manifest["stage"], manifest["input_stage"], manifest["extra"]) == ("clean", "collect", 1)
+
+
+def test_read_table_reads_only_the_columns_asked(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    shards.write_table(path, from_rows([{"id": "a", "sha256": "s"}]))
+    assert shards.read_table(path, columns=["id", "sha256"]).column_names == ["id", "sha256"]
+    assert isinstance(shards.read_table(path), pa.Table) and shards.read_table(path).num_columns > 2
+
+
+def test_umask_is_read_without_changing_it() -> None:
+    before = os.umask(0o027)
+    try:
+        assert shards._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what it was
+    finally:
+        os.umask(before)
+
+
+def test_an_input_that_is_no_stage_is_gone_even_if_a_folder_has_its_name(tmp_path: Path) -> None:
+    # a record naming a folder that is not a stage (hand-edited, or from another surd) is never read as an input
+    (tmp_path / "other").mkdir()
+    commit(tmp_path / "other", "s", from_rows([{"id": "a"}]), shards.empty_dropped(), 1, 0.1)
+    shards.write_manifest(tmp_path / "other", "other")
+    dedup = layout.stage_dir(tmp_path, "dedup")
+    dedup.mkdir()
+    fingerprint.write(dedup, fingerprint.record("dedup", {}, fingerprint.input_of(tmp_path, "other")))
+    assert fingerprint.stale(tmp_path, "dedup") == "its input other/ is gone"
