@@ -10,12 +10,31 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from test_shards_executor import _Config as _EveryConfig
 
 from pipelines import executor, fingerprint
-from pipelines.executor import Job, Stage, StageJob, commit, discard, invalidate, model_threads, remove_trash
+from pipelines.executor import (
+    Job,
+    Stage,
+    StageJob,
+    commit,
+    discard,
+    invalidate,
+    model_threads,
+    open_stage,
+    remove_trash,
+    run_job,
+)
 from surd import layout, shards
 from surd.rows import RowProcessor
 from surd.schema import from_rows
+
+
+def _finished(run: Path, *rels: str) -> None:
+    for rel in rels:
+        commit(layout.stage_dir(run, "collect"), rel, from_rows([{"id": f"{rel}-{k}"} for k in range(4)]),
+               shards.empty_dropped(), 4, 0.1)
+    shards.write_manifest(layout.stage_dir(run, "collect"), "collect")
 
 
 class _Model(RowProcessor):
@@ -157,3 +176,38 @@ def test_an_input_that_is_no_stage_is_gone_even_if_a_folder_has_its_name(tmp_pat
     dedup.mkdir()
     fingerprint.write(dedup, fingerprint.record("dedup", {}, fingerprint.input_of(tmp_path, "other")))
     assert fingerprint.stale(tmp_path, "dedup") == "its input other/ is gone"
+
+
+class _Shards(_Rows):
+    label = "job"
+
+    def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
+        assert on_rows is None  # counted by shards: no row reports asked for
+        self.done = [*getattr(self, "done", []), rel]
+        return {}
+
+
+def _last_line(capsys: pytest.CaptureFixture[str]) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_run_job_shows_rows_or_shards_done(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000", "s/part-00001")
+    job = open_stage(tmp_path, "clean", _EveryConfig())
+    capsys.readouterr()
+    run_job(job)  # by default: serial, with progress, by rows
+    assert _last_line(capsys).startswith("[surd] clean (collect -> clean): 8/8 rows (100%)")
+    shards_job = _Shards()
+    run_job(shards_job, unit="shards")
+    assert shards_job.done == ["a", "b"]
+    assert _last_line(capsys).startswith("[surd] job: 2/2 shards (100%)")
+
+
+def test_run_job_in_a_pool_of_spawned_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000", "s/part-00001", "s/part-00002")
+    job = open_stage(tmp_path, "clean", _EveryConfig())
+    capsys.readouterr()
+    run_job(job, workers=2, progress=True)
+    assert all(shards.is_done(job.out, rel) for rel in job.todo)
+    assert job.close()["in"] == 12
+    assert _last_line(capsys).startswith("[surd] clean (collect -> clean): 12/12 rows (100%)")  # counted in workers
