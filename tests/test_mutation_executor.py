@@ -26,7 +26,8 @@ from pipelines.executor import (
     run_job,
 )
 from surd import layout, shards
-from surd.rows import RowProcessor
+from surd.errors import StageError
+from surd.rows import RowProcessor, StageConfig
 from surd.schema import from_rows
 
 
@@ -211,3 +212,72 @@ def test_run_job_in_a_pool_of_spawned_workers(tmp_path: Path, capsys: pytest.Cap
     assert all(shards.is_done(job.out, rel) for rel in job.todo)
     assert job.close()["in"] == 12
     assert _last_line(capsys).startswith("[surd] clean (collect -> clean): 12/12 rows (100%)")  # counted in workers
+
+
+class _Counting(RowProcessor):
+    """Keeps every row; `seen` grows with each row, `fixed` never changes after the first shard."""
+
+    def __init__(self) -> None:
+        self.counters = {"seen": 0, "fixed": 1}
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        self.counters["seen"] += len(rows)
+        return rows
+
+
+def test_process_shard_counts_only_what_changed_and_takes_an_empty_shard(tmp_path: Path) -> None:
+    _finished(tmp_path, "s/part-00000")
+    commit(layout.stage_dir(tmp_path, "collect"), "s/part-00001", from_rows([]), shards.empty_dropped(), 0, 0.1)
+    shards.write_manifest(layout.stage_dir(tmp_path, "collect"), "collect")
+    job = open_stage(tmp_path, "clean", _EveryConfig(), processor=_Counting())
+    calls: list[int] = []
+    stats = job.run("s/part-00000", on_rows=calls.append)
+    assert sum(calls) == 4  # every row reported to the caller
+    assert stats["counters"] == {"seen": 4}  # `fixed` did not change in this shard: not counted
+    assert 0 <= stats["seconds"] < 600
+    empty = job.run("s/part-00001")
+    assert (empty["in"], empty["kept"], empty["dropped"]) == (0, 0, {}) and "counters" not in empty
+    assert shards.read_table(shards.shard_path(job.out, "s/part-00001")).num_rows == 0
+
+
+class _Paced(StageConfig):
+    concurrency: int = 4  # pacing for fetch
+    size: int = 1
+
+    def build(self) -> _Counting:
+        return _Counting()
+
+
+def test_open_stage_records_the_stage_its_settings_and_input(tmp_path: Path) -> None:
+    _finished(tmp_path, "s/part-00000")
+    job = open_stage(tmp_path, "fetch", _Paced(size=2))
+    record = fingerprint.read(job.out)
+    assert record["stage"] == "fetch" and record["settings"] == {"size": 2}  # concurrency only paces fetch
+    assert record["input"] == fingerprint.input_of(tmp_path, "collect")
+    other = open_stage(tmp_path, "clean", _Paced(), settings={"given": True})
+    assert fingerprint.read(other.out)["settings"] == {"given": True}
+    run_job(job, progress=False)
+    job.close()
+    done = open_stage(tmp_path, "fetch", _Paced(size=2))
+    assert (done.name, done.stage, done.source, done.src, done.out, done.todo, done.up_to_date) == (
+        "fetch", None, "collect", layout.stage_dir(tmp_path, "collect"), job.out, [], True)
+    with pytest.raises(StageError, match=rf"^clean: its input stage dedup is not finished in {tmp_path}; run it"):
+        open_stage(tmp_path, "clean", _Paced(), source="dedup")
+
+
+class _PlansWithProgress(_Counting):
+    plan_columns = ("id",)
+    on_rows = None
+
+    def plan(self, index: Any) -> None:
+        if self.on_rows is not None:
+            self.on_rows(len(index))
+
+
+def test_open_stage_shows_plan_progress_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000")
+    capsys.readouterr()
+    open_stage(tmp_path, "clean", _EveryConfig(), processor=_PlansWithProgress())
+    assert capsys.readouterr().err == ""
+    open_stage(tmp_path, "clean", _EveryConfig(), processor=_PlansWithProgress(), progress=True)
+    assert "[surd] clean: plan over collect: 4/4 rows (100%)" in capsys.readouterr().err
