@@ -281,3 +281,26 @@ def test_open_stage_shows_plan_progress_only_when_asked(tmp_path: Path, capsys: 
     assert capsys.readouterr().err == ""
     open_stage(tmp_path, "clean", _EveryConfig(), processor=_PlansWithProgress(), progress=True)
     assert "[surd] clean: plan over collect: 4/4 rows (100%)" in capsys.readouterr().err
+
+
+def test_open_stage_after_every_shard_but_before_the_manifest(tmp_path: Path) -> None:
+    # killed between the last shard's marker and the manifest: nothing to process, the manifest still to write
+    _finished(tmp_path, "s/part-00000")
+    job = open_stage(tmp_path, "clean", _EveryConfig())
+    run_job(job, progress=False)
+    again = open_stage(tmp_path, "clean", _EveryConfig())
+    assert (again.name, again.stage, again.source, again.src, again.out, again.todo, again.up_to_date) == (
+        "clean", None, "collect", layout.stage_dir(tmp_path, "collect"), job.out, [], False)
+    again.close()
+    assert shards.read_manifest(job.out)["stage"] == "clean"
+
+
+def test_a_stage_folder_gone_by_hand_rebuilds_the_stages_after_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000")
+    (layout.stage_dir(tmp_path, "dedup") / "_stats").mkdir(parents=True)
+    capsys.readouterr()
+    open_stage(tmp_path, "clean", _EveryConfig())
+    assert " ".join(capsys.readouterr().err.split()) == \
+        "clean: its folder is missing, so the stages after it are stale; rebuilding clean, dedup"
+    assert not layout.stage_dir(tmp_path, "dedup").exists()
