@@ -40,6 +40,8 @@ def test_pacing_settings_per_stage() -> None:
 class _Paths(StageConfig):
     cache: str = ""
     other: str = ""
+    folder: Path | None = None
+    concurrency: int = 1
 
 
 def test_settings_leave_out_pacing_and_spell_the_run_folder(tmp_path: Path) -> None:
@@ -47,8 +49,11 @@ def test_settings_leave_out_pacing_and_spell_the_run_folder(tmp_path: Path) -> N
     assert fingerprint.settings_of("dedup", config, tmp_path) == {"phash_threshold": 3}
     assert fingerprint.settings_of("dedup", config, tmp_path, exclude=frozenset({"num_gpus"})) == {
         "phash_threshold": 3, "batch_size": 7, "num_cpus": 1.0}
-    paths = _Paths(cache=str(tmp_path / "cache" / "x.db"), other="/elsewhere/y")
-    assert fingerprint.settings_of("clean", paths, tmp_path) == {"cache": "${out}/cache/x.db", "other": "/elsewhere/y"}
+    paths = _Paths(cache=str(tmp_path / "cache" / "x.db"), other="/elsewhere/y", folder=tmp_path / "f")
+    # as JSON: a Path is recorded as its string (then spelled from ${out}); fetch's own pacing is left out
+    assert fingerprint.settings_of("fetch", paths, tmp_path) == {
+        "cache": "${out}/cache/x.db", "other": "/elsewhere/y", "folder": "${out}/f"}
+    assert fingerprint.settings_of("clean", paths, tmp_path)["concurrency"] == 1
 
 
 def test_read_and_write_a_record(tmp_path: Path) -> None:
