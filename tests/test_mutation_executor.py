@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_shards_executor import _Config as _EveryConfig
 
@@ -304,3 +305,12 @@ def test_a_stage_folder_gone_by_hand_rebuilds_the_stages_after_it(
     assert " ".join(capsys.readouterr().err.split()) == \
         "clean: its folder is missing, so the stages after it are stale; rebuilding clean, dedup"
     assert not layout.stage_dir(tmp_path, "dedup").exists()
+
+
+def test_shards_are_written_in_row_groups_of_1024_with_zstd(tmp_path: Path) -> None:
+    # readers stream a shard a row group at a time: the group size bounds their memory
+    path = tmp_path / "t.parquet"
+    shards.write_table(path, from_rows([{"id": str(i)} for i in range(2049)]))
+    meta = pq.read_metadata(path)
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1024, 1024, 1]
+    assert meta.row_group(0).column(0).compression == "ZSTD"
