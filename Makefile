@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test bench lint clean-demo
+.PHONY: demo test bench lint mutation clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run_all.py --quick
+
+# Mutation testing of the core modules (not part of `make test`): scores go to docs/testing.md.
+# GROUPS="clean dedup" runs some groups; MUTATION_ARGS="--fresh" forgets earlier results.
+mutation: $(BIN)/.installed
+	nice -n 10 $(BIN)/python scripts/mutation.py $(GROUPS) $(MUTATION_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -1,0 +1,316 @@
+"""What mutation testing found untested in shard I/O, the executor and fingerprints: thread counts, plan progress,
+discarding folders, the rebuild notice, a worker's side of the pool (called here in process), the umask."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_shards_executor import _Config as _EveryConfig
+
+from pipelines import executor, fingerprint
+from pipelines.executor import (
+    Job,
+    Stage,
+    StageJob,
+    commit,
+    discard,
+    invalidate,
+    model_threads,
+    open_stage,
+    remove_trash,
+    run_job,
+)
+from surd import layout, shards
+from surd.errors import StageError
+from surd.rows import RowProcessor, StageConfig
+from surd.schema import from_rows
+
+
+def _finished(run: Path, *rels: str) -> None:
+    for rel in rels:
+        commit(layout.stage_dir(run, "collect"), rel, from_rows([{"id": f"{rel}-{k}"} for k in range(4)]),
+               shards.empty_dropped(), 4, 0.1)
+    shards.write_manifest(layout.stage_dir(run, "collect"), "collect")
+
+
+class _Model(RowProcessor):
+    def setup(self) -> None:  # a stage with a model of its own
+        pass
+
+
+class _Config:
+    def __init__(self, num_cpus: float) -> None:
+        self.num_cpus = num_cpus
+
+
+def test_model_threads_only_for_stages_with_their_own_setup() -> None:
+    assert model_threads(_Config(3.7), _Model()) == 3  # whole threads
+    assert model_threads(_Config(0.5), _Model()) == 1  # at least one
+    assert model_threads(_Config(2), RowProcessor()) is None  # the inherited no-op setup: no model
+    assert model_threads(_Config(2), object()) is None  # no setup at all
+    assert model_threads(object(), _Model()) == 1  # no num_cpus: one
+
+
+class _Planner:
+    on_rows = None
+
+    def __init__(self) -> None:
+        self.seen_callback: Any = None
+
+    def plan(self, index: Any) -> None:
+        self.seen_callback = self.on_rows
+        if self.on_rows is not None:
+            self.on_rows(5)
+            self.on_rows(5)  # more than the rows: capped
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        return rows
+
+
+def test_plan_progress_is_lent_capped_and_taken_back() -> None:
+    processor = _Planner()
+    calls: list[int] = []
+    Stage("dedup", processor).plan(None, 7, calls.append)
+    assert calls == [5, 2] and processor.seen_callback is not None and processor.on_rows is None
+    Stage("dedup", processor).plan(None, on_rows=calls.append)  # rows unknown (0): nothing to report
+    assert calls == [5, 2]
+    Stage("dedup", processor).plan(None, 7)
+    assert processor.seen_callback is None  # nobody listens: no callback lent
+
+
+def test_discard_leaves_no_trash_and_remove_trash_finishes_a_killed_one(tmp_path: Path) -> None:
+    (tmp_path / "clean" / "s").mkdir(parents=True)
+    (tmp_path / "clean" / "s" / "x.parquet").write_bytes(b"x")
+    killed = tmp_path / f"{layout.TRASH_PREFIX}old"  # what a discard killed before its rmtree left
+    (killed / "clean").mkdir(parents=True)
+    (tmp_path / "keep").mkdir()
+    discard(tmp_path, tmp_path / "clean")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    (killed / "dedup").mkdir(parents=True)
+    remove_trash(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    discard(tmp_path, tmp_path / "missing")  # nothing to do
+
+
+def test_invalidate_says_what_it_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert invalidate(tmp_path, "clean", "why") == []
+    assert capsys.readouterr().err == ""  # nothing removed: nothing said
+    for stage in ("dedup", "nsfw"):
+        (tmp_path / stage).mkdir()
+    # the stage itself is named first even when its folder is gone (its later stages are rebuilt with it) ...
+    assert invalidate(tmp_path, "clean", "why") == ["dedup", "nsfw"]
+    assert " ".join(capsys.readouterr().err.split()) == "clean: why; rebuilding clean, dedup, nsfw"
+    for stage in ("dedup", "nsfw"):
+        (tmp_path / stage).mkdir()
+    # ... while a command that removes folders for its own reason lists only what it removes
+    assert invalidate(tmp_path, "clean", "why", who="surd run --from clean") == ["dedup", "nsfw"]
+    assert " ".join(capsys.readouterr().err.split()) == "surd run --from clean: why; rebuilding dedup, nsfw"
+    (tmp_path / "nsfw").mkdir()
+    assert invalidate(tmp_path, "nsfw", "why", quiet=True) == ["nsfw"] and capsys.readouterr().err == ""
+
+
+class _Rows(Job):
+    """A job of two shards whose run reports the rows it finished."""
+
+    def __init__(self) -> None:
+        self.todo = ["a", "b"]
+        self.ready = False
+
+    def setup(self) -> None:
+        self.ready = True
+
+    def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
+        assert self.ready
+        on_rows(3 if rel == "a" else 4)
+        return {"rel": rel}
+
+
+def test_a_workers_side_of_the_pool_in_process() -> None:
+    # what each spawned worker does: set the job up once, run shards, add finished rows to the shared counter
+    job, finished = _Rows(), multiprocessing.get_context("spawn").Value("q", 0)
+    executor._init_worker(job, finished)
+    try:
+        assert job.ready
+        assert executor._run_in_worker("a") == {"rel": "a"} and executor._run_in_worker("b") == {"rel": "b"}
+        assert finished.value == 7
+    finally:
+        executor._WORKER_JOB = executor._WORKER_ROWS = None
+    assert Job().size("anything") == 1 and job.total() == 2  # a plain job counts shards
+
+
+def test_close_writes_the_manifest_under_the_stage_name(tmp_path: Path) -> None:
+    out = tmp_path / "clean"
+    commit(out, "s/part-00000", from_rows([{"id": "a"}]), shards.empty_dropped(), 1, 0.1)
+    job = StageJob("clean", None, "collect", tmp_path / "collect", out)
+    assert job.close({"extra": 1})["kept"] == 1
+    manifest = shards.read_manifest(out)
+    assert (manifest["stage"], manifest["input_stage"], manifest["extra"]) == ("clean", "collect", 1)
+
+
+def test_read_table_reads_only_the_columns_asked(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    shards.write_table(path, from_rows([{"id": "a", "sha256": "s"}]))
+    assert shards.read_table(path, columns=["id", "sha256"]).column_names == ["id", "sha256"]
+    assert isinstance(shards.read_table(path), pa.Table) and shards.read_table(path).num_columns > 2
+
+
+def test_umask_is_read_without_changing_it() -> None:
+    before = os.umask(0o027)
+    try:
+        assert shards._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what it was
+    finally:
+        os.umask(before)
+
+
+def test_an_input_that_is_no_stage_is_gone_even_if_a_folder_has_its_name(tmp_path: Path) -> None:
+    # a record naming a folder that is not a stage (hand-edited, or from another surd) is never read as an input
+    (tmp_path / "other").mkdir()
+    commit(tmp_path / "other", "s", from_rows([{"id": "a"}]), shards.empty_dropped(), 1, 0.1)
+    shards.write_manifest(tmp_path / "other", "other")
+    dedup = layout.stage_dir(tmp_path, "dedup")
+    dedup.mkdir()
+    fingerprint.write(dedup, fingerprint.record("dedup", {}, fingerprint.input_of(tmp_path, "other")))
+    assert fingerprint.stale(tmp_path, "dedup") == "its input other/ is gone"
+
+
+class _Shards(_Rows):
+    label = "job"
+
+    def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
+        assert on_rows is None  # counted by shards: no row reports asked for
+        self.done = [*getattr(self, "done", []), rel]
+        return {}
+
+
+def _last_line(capsys: pytest.CaptureFixture[str]) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_run_job_shows_rows_or_shards_done(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000", "s/part-00001")
+    job = open_stage(tmp_path, "clean", _EveryConfig())
+    capsys.readouterr()
+    run_job(job)  # by default: serial, with progress, by rows
+    assert _last_line(capsys).startswith("[surd] clean (collect -> clean): 8/8 rows (100%)")
+    shards_job = _Shards()
+    run_job(shards_job, unit="shards")
+    assert shards_job.done == ["a", "b"]
+    assert _last_line(capsys).startswith("[surd] job: 2/2 shards (100%)")
+
+
+def test_run_job_in_a_pool_of_spawned_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000", "s/part-00001", "s/part-00002")
+    job = open_stage(tmp_path, "clean", _EveryConfig())
+    capsys.readouterr()
+    run_job(job, workers=2, progress=True)
+    assert all(shards.is_done(job.out, rel) for rel in job.todo)
+    assert job.close()["in"] == 12
+    assert _last_line(capsys).startswith("[surd] clean (collect -> clean): 12/12 rows (100%)")  # counted in workers
+
+
+class _Counting(RowProcessor):
+    """Keeps every row; `seen` grows with each row, `fixed` never changes after the first shard."""
+
+    def __init__(self) -> None:
+        self.counters = {"seen": 0, "fixed": 1}
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        self.counters["seen"] += len(rows)
+        return rows
+
+
+def test_process_shard_counts_only_what_changed_and_takes_an_empty_shard(tmp_path: Path) -> None:
+    _finished(tmp_path, "s/part-00000")
+    commit(layout.stage_dir(tmp_path, "collect"), "s/part-00001", from_rows([]), shards.empty_dropped(), 0, 0.1)
+    shards.write_manifest(layout.stage_dir(tmp_path, "collect"), "collect")
+    job = open_stage(tmp_path, "clean", _EveryConfig(), processor=_Counting())
+    calls: list[int] = []
+    stats = job.run("s/part-00000", on_rows=calls.append)
+    assert sum(calls) == 4  # every row reported to the caller
+    assert stats["counters"] == {"seen": 4}  # `fixed` did not change in this shard: not counted
+    assert 0 <= stats["seconds"] < 600
+    empty = job.run("s/part-00001")
+    assert (empty["in"], empty["kept"], empty["dropped"]) == (0, 0, {}) and "counters" not in empty
+    assert shards.read_table(shards.shard_path(job.out, "s/part-00001")).num_rows == 0
+
+
+class _Paced(StageConfig):
+    concurrency: int = 4  # pacing for fetch
+    size: int = 1
+
+    def build(self) -> _Counting:
+        return _Counting()
+
+
+def test_open_stage_records_the_stage_its_settings_and_input(tmp_path: Path) -> None:
+    _finished(tmp_path, "s/part-00000")
+    job = open_stage(tmp_path, "fetch", _Paced(size=2))
+    record = fingerprint.read(job.out)
+    assert record["stage"] == "fetch" and record["settings"] == {"size": 2}  # concurrency only paces fetch
+    assert record["input"] == fingerprint.input_of(tmp_path, "collect")
+    other = open_stage(tmp_path, "clean", _Paced(), settings={"given": True})
+    assert fingerprint.read(other.out)["settings"] == {"given": True}
+    run_job(job, progress=False)
+    job.close()
+    done = open_stage(tmp_path, "fetch", _Paced(size=2))
+    assert (done.name, done.stage, done.source, done.src, done.out, done.todo, done.up_to_date) == (
+        "fetch", None, "collect", layout.stage_dir(tmp_path, "collect"), job.out, [], True)
+    with pytest.raises(StageError, match=rf"^clean: its input stage dedup is not finished in {tmp_path}; run it"):
+        open_stage(tmp_path, "clean", _Paced(), source="dedup")
+
+
+class _PlansWithProgress(_Counting):
+    plan_columns = ("id",)
+    on_rows = None
+
+    def plan(self, index: Any) -> None:
+        if self.on_rows is not None:
+            self.on_rows(len(index))
+
+
+def test_open_stage_shows_plan_progress_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000")
+    capsys.readouterr()
+    open_stage(tmp_path, "clean", _EveryConfig(), processor=_PlansWithProgress())
+    assert capsys.readouterr().err == ""
+    open_stage(tmp_path, "clean", _EveryConfig(), processor=_PlansWithProgress(), progress=True)
+    assert "[surd] clean: plan over collect: 4/4 rows (100%)" in capsys.readouterr().err
+
+
+def test_open_stage_after_every_shard_but_before_the_manifest(tmp_path: Path) -> None:
+    # killed between the last shard's marker and the manifest: nothing to process, the manifest still to write
+    _finished(tmp_path, "s/part-00000")
+    job = open_stage(tmp_path, "clean", _EveryConfig())
+    run_job(job, progress=False)
+    again = open_stage(tmp_path, "clean", _EveryConfig())
+    assert (again.name, again.stage, again.source, again.src, again.out, again.todo, again.up_to_date) == (
+        "clean", None, "collect", layout.stage_dir(tmp_path, "collect"), job.out, [], False)
+    again.close()
+    assert shards.read_manifest(job.out)["stage"] == "clean"
+
+
+def test_a_stage_folder_gone_by_hand_rebuilds_the_stages_after_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _finished(tmp_path, "s/part-00000")
+    (layout.stage_dir(tmp_path, "dedup") / "_stats").mkdir(parents=True)
+    capsys.readouterr()
+    open_stage(tmp_path, "clean", _EveryConfig())
+    assert " ".join(capsys.readouterr().err.split()) == \
+        "clean: its folder is missing, so the stages after it are stale; rebuilding clean, dedup"
+    assert not layout.stage_dir(tmp_path, "dedup").exists()
+
+
+def test_shards_are_written_in_row_groups_of_1024_with_zstd(tmp_path: Path) -> None:
+    # readers stream a shard a row group at a time: the group size bounds their memory
+    path = tmp_path / "t.parquet"
+    shards.write_table(path, from_rows([{"id": str(i)} for i in range(2049)]))
+    meta = pq.read_metadata(path)
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1024, 1024, 1]
+    assert meta.row_group(0).column(0).compression == "ZSTD"
