@@ -353,5 +353,6 @@ def test_recipe_with_a_single_file_base_trains_generates_and_evaluates(world, si
     out = train_from_recipe(spec, run)
     assert Image.open(out / "generate" / "000.png").size == _compare_size("a red circle", "sur")
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert results["images"]["generated"] == 2 * results["prompts"]["surd"] > 0  # base and adapter
+    assert [a["name"] for a in results["arms"]] == ["base", "keyword", "adapter"]
+    assert results["images"]["generated"] == 3 * results["prompts"]["surd"] > 0  # each arm, one seed
     assert "warning" not in capsys.readouterr().err  # the single file is the base it trained on
