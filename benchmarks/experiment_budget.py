@@ -11,6 +11,7 @@ teacher's (SmolLM2) load and its cost per distinct narrative. Not measured (left
 lower bound): imports, the world and dataset build, the judge's checks, the second and third SmolLM2 loads and
 the LLM expansions of the eval prompts (greedy generation), and the adapters' own layers.
 """
+# run_all: skip (a preset's time budget for docs/experiment.md, no baseline)
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ text embeddings, teacher vectors / token states as the caches hold them), plus b
 `adapter.inference.generate_images`, guidance on, the same seed for every kind. Weights are random: only time and
 memory mean anything here. Each stack runs in its own process, so each process peak is its own.
 """
+# run_all: skip (per-kind costs for docs/adapter.md and gpu_check.sh, no baseline)
 
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ The convention a benchmark script follows (any `benchmarks/*.py` except this one
   `target` is the minimum ratio we promise (a number), or a string shown as is; rows with a numeric
   target get a pass/fail mark. `unit` (optional) is shown after the values.
 
+A script holding the line `# run_all: skip (why)` is a measurement, not a comparison (e.g. what each adapter
+kind costs, a preset's time budget): it runs on its own and is left out of the table.
+
 A script that exits non-zero, times out or writes no usable JSON still gets a row saying so, and this
 script then exits 1: the table never hides a benchmark that did not run. A JSON without a `rows` list but
 with `speedup` (a number, or a {metric: ratio} mapping: an older format) is shown with the ratio only.
@@ -49,8 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "pyarrow", "ray", "open_clip_torch", "transformers", "diffusers", "img2dataset")
 
 
+SKIP_MARK = "# run_all: skip"  # a measurement without a baseline to compare with (it says why on that line)
+
+
 def discover(folder: Path, only: set[str] | None = None) -> list[Path]:
     scripts = [p for p in sorted(folder.glob("*.py")) if p.name != Path(__file__).name and not p.name.startswith("_")]
+    if only is None:
+        scripts = [p for p in scripts if SKIP_MARK not in p.read_text(encoding="utf-8")]
     return [p for p in scripts if only is None or p.stem in only]
 
 
