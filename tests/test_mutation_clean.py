@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 from PIL import Image
+from test_clean import _huge_png_header as _png_header  # a PNG declaring a size it does not hold
 
 from surd.clean import CleanConfig, clean_prompt, embeddings_pattern, tidy_separators
 from surd.rows import Drop
@@ -16,17 +15,6 @@ def _png(width: int = 80, height: int = 80) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (10, 200, 30)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares `width` x `height` and holds almost nothing (what a decompression bomb looks like)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(
-        b"IEND", b"")
 
 
 def _clean(row: dict, **config: object) -> dict | Drop:

@@ -7,16 +7,15 @@ import hashlib
 import io
 import pickle
 import socket
-import struct
 import threading
 import time
 import warnings
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from civitai_server import FakeCivitai, image_bytes
 from PIL import Image
+from test_clean import _huge_png_header as _png_header  # a PNG declaring a size it does not hold
 
 from surd.fetch import CheckedResolver, FetchConfig, PrivateAddressError
 from surd.fetch_image import DecodedImage, ImageProblem, _rewrite, decode_image
@@ -34,17 +33,6 @@ def _gradient(width: int, height: int, mode: str = "RGB") -> Image.Image:
     img = Image.new("RGB", (width, height))
     img.putdata([((x * 7) % 256, (y * 5) % 256, (x * y) % 256) for y in range(height) for x in range(width)])
     return img.convert(mode)
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares `width` x `height` and holds almost nothing."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(
-        b"IEND", b"")
 
 
 def _decoded(result: DecodedImage | ImageProblem) -> Image.Image:
