@@ -160,14 +160,13 @@ def run_stage_ray(
             for result in done.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for error in result.column("error").drop_null().to_pylist():
                     _raise_worker_error(error)
-        if counter is not None:
-            ray.kill(counter)
     return job.close()
 
 
 @contextmanager
 def _polling(counter: Any, bar: Any, every: float = 0.25) -> Iterator[None]:
-    """Move `bar` to the counter's rows every `every` seconds while the block runs, and once at its end."""
+    """Move `bar` to the counter's rows every `every` seconds while the block runs, and once at its end; the
+    counter actor is gone afterwards, however the block ends."""
     if counter is None:
         yield
         return
@@ -186,10 +185,13 @@ def _polling(counter: Any, bar: Any, every: float = 0.25) -> Iterator[None]:
     thread.start()
     try:
         yield
+        stop.set()
+        thread.join()
+        catch_up()
     finally:
         stop.set()
         thread.join()
-    catch_up()
+        ray.kill(counter)
 
 
 def _run_dir(out: Path) -> Path:
