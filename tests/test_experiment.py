@@ -10,7 +10,6 @@ Slow (the packaged SmolLM2 is the teacher and the expander).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -36,9 +35,6 @@ def _cli() -> typer.Typer:
     return app
 
 
-@pytest.mark.skipif(os.environ.get("SURD_EXPERIMENT") != "1", reason=(
-    "issue #14 is open: a fresh --quick run takes ~16 min on 2 loaded cores and its base model's colour ceiling "
-    "(0.53 measured) is below the 0.8 sanity bar, so this test fails today; SURD_EXPERIMENT=1 runs it"))
 def test_quick_experiment_is_sane_runs_every_arm_and_reuses_what_it_trained(tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     docs = tmp_path / "experiment.md"
