@@ -5,9 +5,10 @@ and a DDIM scheduler, trained here and saved as a diffusers `StableDiffusionPipe
              from the latents' spread (what SD's 0.18215 is)
     text     CLIPTextModel, random and frozen (as SD's is frozen), its word embeddings at unit scale so every
              output token still says which word it is; the tokenizer is CLIP's BPE, first merges
-    UNet     UNet2DConditionModel, cross-attention in every block, trained on (image, caption) with the
-             epsilon objective; 10% of captions dropped to "" so classifier-free guidance works
-    sched    DDIM, SD 1.5's schedule
+    UNet     UNet2DConditionModel, cross-attention (2 heads) in every block and a pooled text embedding,
+             trained on (image, caption) with the v objective; 10% of captions dropped to "" so classifier-free
+             guidance works
+    sched    DDIM, SD 1.5's betas rescaled to a zero terminal SNR, trailing timesteps
 
 `train_unet` is the one trainer of the UNet: it trains the base on keyword prompts and, from the base
 weights, the fine-tune control on narrative prompts (the same data the adapters see).
