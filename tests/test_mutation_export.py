@@ -84,6 +84,16 @@ def test_exchange_swaps_two_folders(tmp_path: Path) -> None:
     assert [p.name for p in a.iterdir()] == ["from_b"] and [p.name for p in b.iterdir()] == ["from_a"]
 
 
+def test_swap_in_leaves_only_the_new_copy(tmp_path: Path) -> None:
+    new, target = tmp_path / ".new", tmp_path / "target"
+    new.mkdir(), target.mkdir()
+    (new / "version").write_text("new")
+    (target / "version").write_text("old")
+    swap_in(new, target)  # by the atomic exchange here: `new` then holds the old copy, which is removed
+    assert (target / "version").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]
+
+
 def test_exchange_a_missing_path_is_an_error_naming_both(tmp_path: Path) -> None:
     a, missing = tmp_path / "a", tmp_path / "missing"
     a.mkdir()
