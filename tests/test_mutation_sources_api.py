@@ -21,7 +21,8 @@ from surd.errors import SourceError
 from surd.rows import Drop
 from surd.sources import source_config
 from surd.sources.bounds import OverBound
-from surd.sources.civitai import CivitaiConfig, parse_meta, parse_page, validate_page
+from surd.sources.civitai import CivitaiConfig, parse_meta, parse_page, unwrap_meta, validate_page
+from surd.sources.civitai import item_to_row as item_to_row_civitai
 from surd.sources.diffusiondb import DiffusionDBSource
 from surd.sources.lexica import item_to_row as item_to_row_lexica
 
@@ -341,3 +342,28 @@ def test_civitai_pages_carry_their_cursors_and_a_repeated_cursor_stops(json_serv
     ({"hash": "d"}, "d"), ({"other": "e"}, None), (7, "7"), (False, None)])
 def test_civitai_model_written_as_an_object_or_a_number(model: object, name: str | None) -> None:
     assert parse_meta({"prompt": "p", "Model": model}).model == name
+
+
+def _wrapped(inner: object, times: int) -> object:
+    for level in range(times):
+        inner = {"id": level, "meta": inner}
+    return inner
+
+
+def test_civitai_meta_is_unwrapped_at_most_four_times() -> None:
+    flat = {"prompt": "deep"}
+    assert unwrap_meta(_wrapped(flat, 4)) == flat
+    assert unwrap_meta(_wrapped(flat, 5)) == {"id": 0, "meta": flat}  # the bound: what is left is taken as flat
+    assert parse_meta(_wrapped(flat, 5)).prompt is None
+    assert unwrap_meta(_wrapped(None, 4)) == {} and parse_meta(_wrapped(None, 4)).prompt is None
+
+
+def test_civitai_malformed_items_are_dropped_under_a_stable_id() -> None:
+    def expected_id(item: object) -> str:
+        return "civitai:malformed-" + hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()[:16]
+
+    cases = (([1, 2], "item is list"), ("text", "item is str"), ({"id": None, "url": "u"}, "item has no id"))
+    for item, detail in cases:
+        drop = item_to_row_civitai(item)
+        assert (drop.reason, drop.detail, drop.row) == ("malformed_item", detail,
+                                                        {"id": expected_id(item), "source": "civitai"})
