@@ -159,7 +159,7 @@ def test_storage_options_reach_the_filesystem_for_metadata_and_zips(tmp_path: Pa
 
 
 def test_paths_join_the_root_once_and_absolute_ones_stand_alone(tmp_path: Path) -> None:
-    root = _ddb(tmp_path / "ddb", {"a.png": _png()}, None)
+    root = _ddb(tmp_path / "ddbX", {"a.png": _png()}, None)  # only the slash is stripped from the root's end
     elsewhere = tmp_path / "elsewhere.parquet"
     pq.write_table(pa.Table.from_pylist([{"image_name": "a.png", "prompt": "p", "part_id": 1}]), elsewhere)
     source = source_config({"type": "diffusiondb", "root": f"{root}/", "parts": [1], "metadata": str(elsewhere)})
@@ -367,3 +367,13 @@ def test_civitai_malformed_items_are_dropped_under_a_stable_id() -> None:
         drop = item_to_row_civitai(item)
         assert (drop.reason, drop.detail, drop.row) == ("malformed_item", detail,
                                                         {"id": expected_id(item), "source": "civitai"})
+
+
+def test_civitai_a_video_or_an_item_without_a_url_is_dropped_with_its_row() -> None:
+    item = {"id": 5, "type": "video", "url": "https://x/5.mp4", "meta": {"prompt": "p"}}
+    video = item_to_row_civitai(item)
+    assert (video.reason, video.detail) == ("not_an_image", "media type 'video'")
+    assert video.row["id"] == "civitai:5" and video.row["keyword_prompt"] == "p"
+    no_url = item_to_row_civitai({**item, "type": "image", "url": None})
+    assert (no_url.reason, no_url.detail) == ("no_image_url", "url None")
+    assert no_url.row["id"] == "civitai:5" and no_url.row["keyword_prompt"] == "p"
