@@ -1,0 +1,105 @@
+"""What mutation testing found untested in the local sources: Parquet row ranges inside one row group, the columns
+kept in gen_meta, every file of a folder, the errors a user reads, and the stable id of a malformed item."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from surd.errors import SourceError
+from surd.sources.genmeta import fallback_id
+from surd.sources.tabular import JsonlConfig, ParquetConfig
+
+
+def _table(path: Path, n: int, **extra: pa.Array) -> None:
+    columns = {"prompt": [f"p{i}" for i in range(n)], "url": [f"https://x/{i}.png" for i in range(n)], **extra}
+    pq.write_table(pa.table(columns), path, row_group_size=max(n, 1))
+
+
+def test_row_ranges_inside_one_row_group_yield_each_row_once_with_its_index(tmp_path: Path) -> None:
+    _table(tmp_path / "t.parquet", 10)  # one row group of 10 rows, partitions of 4: two start inside it
+    source = ParquetConfig(path=tmp_path / "t.parquet", image_url_column="url", rows_per_shard=4).build()
+    parts = source.list_partitions()
+    assert [(p["start"], p["stop"]) for p in parts] == [(0, 4), (4, 8), (8, 10)]
+    ids = [[r["id"] for r in source.read_partition(p)] for p in parts]
+    assert ids == [[f"parquet:t.parquet:{i}" for i in range(a, b)] for a, b in ((0, 4), (4, 8), (8, 10))]
+    assert [r["keyword_prompt_raw"] for r in source.read_partition(parts[1])] == ["p4", "p5", "p6", "p7"]
+
+
+def test_meta_columns_keep_exactly_the_named_columns_whatever_their_type(tmp_path: Path) -> None:
+    sampler = pa.array(["euler", "ddim"]).dictionary_encode()  # a categorical column: not a plain string type
+    _table(tmp_path / "t.parquet", 2, sampler=sampler, steps=pa.array([20, 30]), cfg=pa.array([7.0, 5.5]))
+    named = ParquetConfig(path=tmp_path, image_url_column="url", meta_columns=["sampler", "cfg"]).build()
+    rows = [r for p in named.list_partitions() for r in named.read_partition(p)]
+    assert [json.loads(r["gen_meta"])["source_meta"] for r in rows] == [{"sampler": "euler", "cfg": 7.0},
+                                                                        {"sampler": "ddim", "cfg": 5.5}]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _table(plain / "t.parquet", 2, steps=pa.array([20, 30]), tags=pa.array([["a"], ["b"]]), cfg=pa.array([7.0, 5.5]))
+    default = ParquetConfig(path=plain, image_url_column="url").build()
+    (first, _) = [r for p in default.list_partitions() for r in default.read_partition(p)]
+    assert json.loads(first["gen_meta"])["source_meta"] == {"steps": 20, "cfg": 7.0}  # the scalar columns
+
+
+def test_every_file_of_a_folder_is_listed(tmp_path: Path) -> None:
+    for name in ("a.parquet", "sub/b.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _table(tmp_path / name, 3)
+    source = ParquetConfig(path=tmp_path, image_url_column="url", rows_per_shard=2).build()
+    assert [(p["file"], p["start"]) for p in source.list_partitions()] == [
+        ("a.parquet", 0), ("a.parquet", 2), ("sub/b.parquet", 0), ("sub/b.parquet", 2)]
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text('{"prompt": "p", "url": "https://x/1.png"}\n')
+    lines = JsonlConfig(path=tmp_path, image_url_column="url").build()
+    assert [p["file"] for p in lines.list_partitions()] == ["a.jsonl", "b.jsonl"]
+
+
+def test_errors_name_the_source_kind_and_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(SourceError) as info:
+        ParquetConfig(path=missing, image_url_column="url").build().list_partitions()
+    assert str(info.value) == f"parquet source: {missing} does not exist"
+    with pytest.raises(SourceError) as info:
+        JsonlConfig(path=tmp_path, image_url_column="url").build().list_partitions()
+    assert str(info.value) == f"jsonl source: no *.jsonl files under {tmp_path}"
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SourceError) as info:
+        ParquetConfig(path=tmp_path, image_url_column="url").build().list_partitions()
+    assert str(info.value).startswith(f"parquet source: cannot read {tmp_path.resolve() / 'bad.parquet'}: ")
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    with pytest.raises(SourceError) as info:
+        list(JsonlConfig(path=tmp_path, image_url_column="url").build().read_partition({"file": "../x.jsonl"}))
+    assert str(info.value) == f"jsonl source: listed file '../x.jsonl' is outside {tmp_path.resolve()}"
+
+
+def test_fallback_id_is_a_hash_of_the_item_in_sorted_key_order() -> None:
+    item = {"b": 1, "a": [2, None]}
+    digest = hashlib.sha256(b'{"a": [2, null], "b": 1}').hexdigest()[:16]
+    assert fallback_id("src", item) == f"src:malformed-{digest}"
+    assert fallback_id("src", {"a": [2, None], "b": 1}) == fallback_id("src", item)  # key order does not matter
+    assert fallback_id("src", [1]) != fallback_id("src", [2])
+    assert fallback_id("src", float("nan")) == f"src:malformed-{hashlib.sha256(b'null').hexdigest()[:16]}"
+
+
+def test_bad_json_lines_are_dropped_under_their_file_and_line(tmp_path: Path) -> None:
+    broken = "{bad"
+    try:
+        json.loads(broken)
+    except ValueError as e:
+        problem = str(e)
+    lines = ["[1]", broken, "[" * 70 + "]" * 70, '{"prompt": "p", "url": "https://x/4.png"}']
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    source = JsonlConfig(path=tmp_path, image_url_column="url").build()
+    results = [r for p in source.list_partitions() for r in source.read_partition(p)]
+    drops = [(d.reason, d.detail, d.row) for d in results[:3]]
+    assert drops == [
+        ("bad_json_line", "a.jsonl:1: not a JSON object", {"id": "jsonl:a.jsonl:1", "source": "jsonl"}),
+        ("bad_json_line", f"a.jsonl:2: {problem}", {"id": "jsonl:a.jsonl:2", "source": "jsonl"}),
+        ("json_too_deep", "a.jsonl:3: JSON nested deeper than 64", {"id": "jsonl:a.jsonl:3", "source": "jsonl"}),
+    ]
+    assert results[3]["id"] == "jsonl:a.jsonl:4"
