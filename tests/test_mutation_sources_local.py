@@ -4,15 +4,18 @@ kept in gen_meta, every file of a folder, the errors a user reads, and the stabl
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from surd.errors import SourceError
 from surd.sources.genmeta import fallback_id
+from surd.sources.imagefolder import ImageFolderConfig
 from surd.sources.tabular import JsonlConfig, ParquetConfig
 
 
@@ -103,3 +106,100 @@ def test_bad_json_lines_are_dropped_under_their_file_and_line(tmp_path: Path) ->
         ("json_too_deep", "a.jsonl:3: JSON nested deeper than 64", {"id": "jsonl:a.jsonl:3", "source": "jsonl"}),
     ]
     assert results[3]["id"] == "jsonl:a.jsonl:4"
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_table_rows_and_drops_known_answers(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_png())
+    records = [
+        {"key": "k1", "prompt": "a fox", "file": "img\\a.png", "neg": "blurry", "simple": "  A fox.  ", "seed": 3},
+        {"key": "", "prompt": "p", "file": "https://x/2.png"},
+        {"key": "k3", "prompt": "p", "file": "https://x/3.png", "url": "https://y/3.png"},
+        {"key": "k4", "prompt": " "},
+        {"key": "k5", "prompt": "p", "url": "ftp://x/5.png"},
+        {"key": "k6", "prompt": "p"},
+        {"key": "k7", "prompt": "p", "file": "s3://bucket/7.png"},
+        {"key": "k8", "prompt": "p", "file": "../o.png"},
+        {"key": "k9", "prompt": "p", "file": "img/none.png"},
+    ]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    source = JsonlConfig(path=tmp_path, prompt_column="prompt", image_column="file", image_url_column="url",
+                         negative_prompt_column="neg", narrative_column="simple", id_column="key").build()
+    out = [r for p in source.list_partitions() for r in source.read_partition(p)]
+    first = out[0]
+    assert {k: first[k] for k in ("id", "source", "source_id", "image_url", "keyword_prompt_raw", "negative_prompt",
+                                  "narrative_prompt", "narrative_origin")} == {
+        "id": "jsonl:k1", "source": "jsonl", "source_id": "k1", "image_url": None, "keyword_prompt_raw": "a fox",
+        "negative_prompt": "blurry", "narrative_prompt": "A fox.", "narrative_origin": "source"}
+    assert first["image"] == {"bytes": _png(), "path": "img/a.png"}
+    assert json.loads(first["gen_meta"])["source_meta"] == {"seed": 3}
+    assert (out[1]["id"], out[1]["image"], out[1]["image_url"]) == ("jsonl:t.jsonl:2", None, "https://x/2.png")
+    assert out[2]["image_url"] == "https://y/3.png"  # the URL column wins over a URL in the image column
+    assert out[2]["narrative_origin"] is None and out[2]["negative_prompt"] is None
+    folder = tmp_path.resolve()
+    assert [(d.reason, d.detail, d.row["id"]) for d in out[3:]] == [
+        ("no_prompt", "t.jsonl:4: no 'prompt'", "jsonl:k4"),
+        ("bad_url", "t.jsonl:5: url 'ftp://x/5.png' is not an http(s) URL", "jsonl:k5"),
+        ("no_image", "t.jsonl:6: neither an image nor an image URL", "jsonl:k6"),
+        ("bad_url", "t.jsonl:7: 's3://bucket/7.png' is not an http(s) URL", "jsonl:k7"),
+        ("unsafe_path", f"t.jsonl:8: '../o.png' is not a path inside {folder}", "jsonl:k8"),
+        ("missing_file", "t.jsonl:9: img/none.png: No such file or directory", "jsonl:k9"),
+    ]
+
+
+def test_image_structs_and_bytes_in_a_table(tmp_path: Path) -> None:
+    (tmp_path / "b.png").write_bytes(_png())
+    table = pa.table({"prompt": ["p1", "p2", "p3", "p4"],
+                      "image": [{"bytes": b"raw", "path": "x.png"}, {"bytes": None, "path": "b.png"},
+                                {"bytes": b"", "path": None}, None]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    source = ParquetConfig(path=tmp_path, image_column="image").build()
+    out = [r for p in source.list_partitions() for r in source.read_partition(p)]
+    assert out[0]["image"] == {"bytes": b"raw", "path": "x.png"}
+    assert out[1]["image"] == {"bytes": _png(), "path": "b.png"}  # no bytes: the path is read
+    assert [(d.reason, d.detail) for d in out[2:]] == [("no_image", "t.parquet:2: neither an image nor an image URL"),
+                                                       ("no_image", "t.parquet:3: neither an image nor an image URL")]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    pq.write_table(pa.table({"prompt": ["p"], "image": [b"bytes"]}), bare / "t.parquet")
+    (row,) = ParquetConfig(path=bare, image_column="image").build().read_partition({"file": "t.parquet", "start": 0,
+                                                                                   "stop": 1})
+    assert row["image"] == {"bytes": b"bytes", "path": None}
+
+
+def test_imagefolder_lines_known_answers(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png())
+    lines = [
+        json.dumps({"file_name": "a.png", "prompt": "a fox", "text": "  A fox. ", "negative_prompt": "dark",
+                    "seed": 4}),
+        "[1]", "{bad", json.dumps({"file_name": 3, "prompt": "p"}),
+        json.dumps({"file_name": "../a.png", "prompt": "p"}), json.dumps({"file_name": "a.png"}),
+        json.dumps({"file_name": "gone.png", "prompt": "p"}),
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    try:
+        json.loads("{bad")
+    except ValueError as e:
+        problem = str(e)
+    source = ImageFolderConfig(path=tmp_path).build()
+    out = [r for p in source.list_partitions() for r in source.read_partition(p)]
+    first = out[0]
+    assert (first["id"], first["source_id"], first["image"], first["keyword_prompt_raw"], first["negative_prompt"],
+            first["narrative_prompt"], first["narrative_origin"]) == (
+        "imagefolder:a.png", "a.png", {"bytes": _png(), "path": "a.png"}, "a fox", "dark", "A fox.", "source")
+    assert json.loads(first["gen_meta"])["source_meta"] == {"seed": 4}
+    where = "metadata.jsonl line"
+    assert [(d.reason, d.detail, d.row["id"]) for d in out[1:]] == [
+        ("bad_metadata_line", f"{where} 2: not an object with a string file_name", f"imagefolder:{where} 2"),
+        ("bad_metadata_line", f"{where} 3: {problem}", f"imagefolder:{where} 3"),
+        ("bad_metadata_line", f"{where} 4: not an object with a string file_name", f"imagefolder:{where} 4"),
+        ("unsafe_path", f"{where} 5: file_name '../a.png' is not a path inside the folder", "imagefolder:../a.png"),
+        ("no_prompt", f"{where} 6: no 'prompt'", "imagefolder:a.png"),
+        ("missing_file", f"{where} 7: gone.png: No such file or directory", "imagefolder:gone.png"),
+    ]
