@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +17,8 @@ import pytest
 from PIL import Image
 
 from surd.errors import SourceError
+from surd.sources import bounds
+from surd.sources.bounds import OverBound
 from surd.sources.genmeta import fallback_id
 from surd.sources.imagefolder import ImageFolderConfig
 from surd.sources.tabular import JsonlConfig, ParquetConfig
@@ -203,3 +208,78 @@ def test_imagefolder_lines_known_answers(tmp_path: Path) -> None:
         ("no_prompt", f"{where} 6: no 'prompt'", "imagefolder:a.png"),
         ("missing_file", f"{where} 7: gone.png: No such file or directory", "imagefolder:gone.png"),
     ]
+
+
+def test_jsonl_meta_columns_and_odd_image_values(tmp_path: Path) -> None:
+    long_url = "ftp://x/" + "a" * 300
+    records = [{"prompt": "p", "url": "https://x/1.png", "seed": 1, "steps": 2},
+               {"prompt": "p", "url": long_url}, {"prompt": "p", "file": long_url}, {"prompt": "p", "file": 5}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    source = JsonlConfig(path=tmp_path, image_column="file", image_url_column="url", meta_columns=["seed"]).build()
+    out = [r for p in source.list_partitions() for r in source.read_partition(p)]
+    assert json.loads(out[0]["gen_meta"])["source_meta"] == {"seed": 1}  # only the named column
+    assert [(d.reason, d.detail) for d in out[1:]] == [  # a value is quoted up to its first 200 characters
+        ("bad_url", f"t.jsonl:2: url {long_url[:200]!r} is not an http(s) URL"),
+        ("bad_url", f"t.jsonl:3: {long_url[:200]!r} is not an http(s) URL"),
+        ("no_image", "t.jsonl:4: neither an image nor an image URL"),
+    ]
+
+
+def test_json_depth_counts_containers_after_a_scalar() -> None:
+    assert bounds.json_depth([[[[1]]], 1]) == 4 and bounds.json_depth({"b": [[2]], "a": 1}) == 3
+
+
+def test_inflate_produces_no_more_than_the_limit_of_a_bomb() -> None:
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in about 64 KiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(OverBound) as info:
+            bounds.inflate(bomb, 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert (info.value.reason, info.value.detail) == ("metadata_too_large", "compressed text inflates past 1024 bytes")
+
+
+def test_imagefolder_folders_symlinks_and_names(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root / "sub", root / ".hidden", outside):
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(_png())
+        (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "p"}) + "\n")
+    records = ({"file_name": "dir\\b.png", "prompt": "p"}, {"file_name": "fifo.png", "prompt": "p"}, ["x"])
+    lines = [json.dumps(r) for r in records] + ["[" * 70 + "]" * 70]
+    (root / "sub" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "sub" / "dir").mkdir()
+    (root / "sub" / "dir" / "b.png").write_bytes(_png())
+    os.mkfifo(root / "sub" / "fifo.png")
+    source = ImageFolderConfig(path=root).build()
+    parts = source.list_partitions()
+    assert [p["file"] for p in parts] == ["sub/metadata.jsonl"]  # a hidden folder is not searched
+    kept, fifo, not_object, deep = source.read_partition(parts[0])
+    where = "sub/metadata.jsonl line"
+    assert (kept["id"], kept["source"], kept["image"]["path"]) == ("imagefolder:sub/dir/b.png", "imagefolder",
+                                                                  "sub/dir/b.png")
+    assert (fifo.reason, fifo.detail, fifo.row) == (
+        "not_a_regular_file", f"{where} 2: sub/fifo.png: not a regular file (a FIFO, socket or device)",
+        {"id": "imagefolder:sub/fifo.png", "source": "imagefolder", "source_id": "sub/fifo.png"})
+    assert not_object.row == {"id": f"imagefolder:{where} 3", "source": "imagefolder"}
+    assert (deep.reason, deep.row) == ("json_too_deep", {"id": f"imagefolder:{where} 4", "source": "imagefolder"})
+    os.symlink(outside, root / "link")
+    with pytest.raises(SourceError) as info:  # a listed metadata file is never read through a symlink
+        list(source.read_partition({**parts[0], "file": "link/metadata.jsonl"}))
+    assert str(info.value) == (f"imagefolder source: listed metadata file 'link/metadata.jsonl' is outside "
+                               f"{root.resolve()}")
+    with pytest.raises(SourceError) as info:
+        ImageFolderConfig(path=root / "a.png").build().list_partitions()
+    assert str(info.value) == f"imagefolder source: {root / 'a.png'} is not a folder"
+
+
+def test_a_categorical_column_goes_into_gen_meta_like_a_plain_one(tmp_path: Path) -> None:
+    # pandas writes a `category` column as a dictionary-encoded one: its values are plain strings all the same.
+    _table(tmp_path / "t.parquet", 2, sampler=pa.array(["euler", "ddim"]).dictionary_encode(), steps=pa.array([1, 2]))
+    source = ParquetConfig(path=tmp_path, image_url_column="url").build()
+    rows = [r for p in source.list_partitions() for r in source.read_partition(p)]
+    assert [json.loads(r["gen_meta"])["source_meta"] for r in rows] == [{"sampler": "euler", "steps": 1},
+                                                                        {"sampler": "ddim", "steps": 2}]
