@@ -19,7 +19,7 @@ from PIL import Image
 from surd.errors import SourceError
 from surd.sources import bounds
 from surd.sources.bounds import OverBound
-from surd.sources.genmeta import fallback_id
+from surd.sources.genmeta import MAX_DEPTH, as_int, fallback_id, gen_meta_json, json_safe
 from surd.sources.imagefolder import ImageFolderConfig
 from surd.sources.tabular import JsonlConfig, ParquetConfig
 
@@ -283,3 +283,54 @@ def test_a_categorical_column_goes_into_gen_meta_like_a_plain_one(tmp_path: Path
     rows = [r for p in source.list_partitions() for r in source.read_partition(p)]
     assert [json.loads(r["gen_meta"])["source_meta"] for r in rows] == [{"sampler": "euler", "steps": 1},
                                                                         {"sampler": "ddim", "steps": 2}]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux procfs")
+def test_read_regular_stops_at_the_limit_of_a_file_larger_than_it_said() -> None:
+    # procfs files say 0 bytes and then hold more: like a file that grew between fstat and read.
+    assert Path("/proc/self/status").stat().st_size == 0
+    with pytest.raises(OverBound) as info:
+        bounds.read_regular(Path("/proc/self/status"), 10)
+    assert (info.value.reason, info.value.detail) == ("file_too_large", "more than 10 bytes")
+
+
+def test_gen_meta_is_text_with_sorted_keys() -> None:
+    assert gen_meta_json({"b": "ü"}, model="café", steps=3) == (
+        '{"model": "café", "source_meta": {"b": "ü"}, "steps": 3}')
+
+
+def test_a_listed_metadata_file_is_never_read_through_a_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(_png())
+    (root / "sub" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "p"}) + "\n")
+    os.symlink(root / "sub", root / "alias")  # inside the root, yet a symlink
+    source = ImageFolderConfig(path=root).build()
+    (part,) = source.list_partitions()
+    with pytest.raises(SourceError, match="listed metadata file 'alias/metadata.jsonl' is outside"):
+        list(source.read_partition({**part, "file": "alias/metadata.jsonl"}))
+
+
+def _depth_kept(value: object) -> int:
+    """How many containers deep json_safe's copy goes before the cut-off (None)."""
+    depth = 0
+    while isinstance(value, list | dict):
+        value = value[0] if isinstance(value, list) else value["k"]
+        depth += 1
+    assert value is None
+    return depth
+
+
+def test_json_safe_cuts_nesting_below_its_max_depth_and_bounds_ints() -> None:
+    nested_list: object = "x"
+    nested_dict: object = "x"
+    for _ in range(40):
+        nested_list, nested_dict = [nested_list], {"k": nested_dict}
+    assert _depth_kept(json_safe(nested_list)) == _depth_kept(json_safe(nested_dict)) == MAX_DEPTH + 1
+    assert json_safe([2**128 - 1, 2**128, -(2**128)]) == [2**128 - 1, None, None]
+    assert json_safe(Path("a/b")) == "a/b" and json_safe({1}) == "{1}"
+
+
+def test_as_int_reads_signed_digit_strings_exactly() -> None:
+    big = 12345678901234567891  # more digits than a float holds exactly
+    assert as_int(f"-{big}") == -big and as_int(f" +{big} ") == big and as_int(str(big)) == big
