@@ -70,6 +70,11 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, str | int | float | bool)
 
 
+def _value_type(typ: pa.DataType) -> pa.DataType:
+    # A dictionary-encoded column (pandas' `category`) holds plain values too: judge it by its value type.
+    return typ.value_type if pa.types.is_dictionary(typ) else typ
+
+
 class TableSource:
     """A `PartitionedSource` over Parquet row ranges or JSON-lines line ranges."""
 
@@ -148,7 +153,8 @@ class TableSource:
                         pa.types.is_boolean, pa.types.is_timestamp)
         columns = [
             f.name for f in schema
-            if f.name in self.used or (f.name in meta if meta is not None else any(t(f.type) for t in scalar_types))
+            if f.name in self.used or (f.name in meta if meta is not None else any(t(_value_type(f.type))
+                                                                                   for t in scalar_types))
         ]
         offset = 0
         for group in range(pf.num_row_groups):
