@@ -129,7 +129,8 @@ def run_group(name: str, group: dict, children: int, fresh: bool) -> dict:
     with open(log, "w") as out:
         rc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work,
                             env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    digest_file.write_text(digest)
+    if rc == 0:  # an interrupted run leaves the digest as it was: the next run retests the survivors again
+        digest_file.write_text(digest)
     timing = {"rc": rc, "log": str(log), "wall_s": round(time.monotonic() - started),
               "load": round(os.getloadavg()[0], 1), "children": children}
     (work / "timing.json").write_text(json.dumps(timing))
