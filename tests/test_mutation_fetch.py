@@ -366,3 +366,100 @@ def test_the_rate_limit_is_per_host() -> None:
 def test_retry_settings_reach_the_policy() -> None:
     fetcher = FetchConfig(max_retries=2, backoff_base=0.5, retry_after_max=7).build()
     assert fetcher.policy == RetryPolicy(max_retries=2, backoff_base=0.5, retry_after_max=7)
+
+
+def test_legacy_numeric_ipv4_hosts_are_bad_urls() -> None:
+    # `127.1` or `2130706433` would reach 127.0.0.1 through the C resolver; aiohttp refuses such hosts outright,
+    # and the refusal is a bad URL (final), not a network error to retry
+    fetcher = FetchConfig(allowed_hosts=["*"], max_retries=0, total_timeout=5.0).build()
+    try:
+        short, number = fetcher.process_batch([{"id": "a", "image_url": "http://127.1/x"},
+                                               {"id": "b", "image_url": "http://2130706433/x"}])
+    finally:
+        fetcher.close()
+    assert short == Drop("bad_url", "127.1 - is not a canonical IPv4 address")
+    assert number == Drop("bad_url", "2130706433 - is not a canonical IPv4 address")
+
+
+def test_a_dns_failure_other_than_no_such_name_may_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the system resolver (the outside world) answering "try again" for one name: transient, unlike "no such name"
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host == "busy.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    fetcher = FetchConfig(allowed_hosts=["busy.example"], max_retries=0, total_timeout=5.0).build()
+    try:
+        [row] = fetcher.process_batch([{"id": "a", "image_url": "http://busy.example/x"}])
+    finally:
+        fetcher.close()
+    assert row.reason == "dns_error" and "busy.example" in row.detail and "Temporary failure" in row.detail
+
+
+def test_a_connection_never_accepted_times_out_after_the_connect_limit() -> None:
+    # A listening socket whose accept queue is full: Linux drops further SYNs, so a connect neither succeeds nor
+    # fails (a host that never answers). `timeout` bounds the connect; without it only `total_timeout` would.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # never accepted: they fill the queue
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0, timeout=0.3,
+                          total_timeout=20).build()
+    start = time.monotonic()
+    try:
+        [row] = fetcher.process_batch([{"id": "a", "image_url": f"http://127.0.0.1:{port}/x"}])
+    finally:
+        fetcher.close()
+        for sock in [*fillers, server]:
+            sock.close()
+    assert row.reason == "timeout" and time.monotonic() - start < 10
+
+
+def test_retries_stop_at_the_limit_however_many_failures_follow() -> None:
+    # three 503s before the image, two retries allowed: the third failure is final, and says how many retries
+    with FakeCivitai(n_items=1) as server:
+        fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=2,
+                              backoff_base=0.01).build()
+        try:
+            [row] = fetcher.process_batch([{"id": "a", "image_url": f"{server.base}/img/flaky/503/k?n=3"}])
+        finally:
+            fetcher.close()
+        hits = server.hits["flaky/503/k"]
+    assert row == Drop("http_503", "HTTP 503 (after 2 retries)")
+    assert hits == 3 and fetcher.counters["retries"] == 2
+
+
+def test_a_retry_after_holds_back_the_next_request_to_that_host() -> None:
+    # a 429 asking for 1 s: the row is dropped (no retries here), and the host's next request still waits it out
+    with FakeCivitai(n_items=1) as server:
+        fetcher = FetchConfig(allowed_hosts=["127.0.0.1"], allow_private_hosts=True, max_retries=0).build()
+        try:
+            [refused] = fetcher.process_batch([{"id": "a", "image_url": f"{server.base}/img/flaky/429/k?n=1"}])
+            start = time.monotonic()
+            [row] = fetcher.process_batch([{"id": "b", "image_url": f"{server.base}/img/ok/1.png"}])
+            waited = time.monotonic() - start
+        finally:
+            fetcher.close()
+    assert refused == Drop("http_429", "HTTP 429") and isinstance(row, dict)
+    assert waited >= 0.5
+
+
+def test_a_private_address_literal_is_refused_before_connecting() -> None:
+    fetcher = FetchConfig(allowed_hosts=["*"], max_retries=0).build()
+    try:
+        loopback, v6, lan = fetcher.process_batch([{"id": str(i), "image_url": u} for i, u in enumerate(
+            ["http://127.0.0.1:9/x", "http://[::1]/x", "https://10.1.2.3/x"])])
+    finally:
+        fetcher.close()
+    assert loopback == Drop("private_host", "127.0.0.1: not a public address")
+    assert v6 == Drop("private_host", "::1: not a public address")
+    assert lan == Drop("private_host", "10.1.2.3: not a public address")
