@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ from pipelines.executor import (
 from surd import layout, shards
 from surd.errors import StageError
 from surd.rows import RowProcessor, StageConfig
-from surd.schema import from_rows
+from surd.schema import DROPPED_SCHEMA, from_rows
 
 
 def _finished(run: Path, *rels: str) -> None:
@@ -314,3 +319,158 @@ def test_shards_are_written_in_row_groups_of_1024_with_zstd(tmp_path: Path) -> N
     meta = pq.read_metadata(path)
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1024, 1024, 1]
     assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_reading_a_stage_returns_only_the_columns_asked(tmp_path: Path) -> None:
+    # `id` is the schema's first column: ask for a later one too, so "all columns" cannot pass for "these"
+    stage = tmp_path / "clean"
+    commit(stage, "s/part-00000", from_rows([{"id": "a", "sha256": "h"}]),
+           from_rows([{"id": "b", "drop_stage": "clean", "drop_reason": "x"}], DROPPED_SCHEMA), 2, 0.1)
+    [batch] = shards.read_stage(stage, columns=["sha256", "id"])
+    assert batch.schema.names == ["sha256", "id"] and batch.to_pylist() == [{"sha256": "h", "id": "a"}]
+    assert shards.read_stage_table(stage, columns=["sha256"]).to_pylist() == [{"sha256": "h"}]
+    [dropped] = shards.read_dropped(stage, columns=["drop_reason"])
+    assert dropped.to_pylist() == [{"drop_reason": "x"}]
+
+
+def test_hidden_files_are_no_shards_dropped_rows_or_stats(tmp_path: Path) -> None:
+    # e.g. macOS's `._name` files beside each file copied to a foreign file system: not ours, never read
+    stage = tmp_path / "clean"
+    dropped = from_rows([{"id": "d", "drop_stage": "clean", "drop_reason": "odd"}], DROPPED_SCHEMA)
+    commit(stage, "s/part-00000", from_rows([{"id": "a"}]), dropped, 2, 1.0)
+    (stage / "dropped" / "s" / "._part-00000.parquet").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (stage / "_stats" / "s" / "._part-00000.json").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    # sorted, the hidden file comes first: it is skipped, not the end of the folder
+    assert [r["id"] for b in shards.read_dropped(stage) for r in b.to_pylist()] == ["d"]
+    assert shards.stage_stats(stage) == {"in": 2, "kept": 1, "dropped": {"odd": 1}, "seconds": 1.0, "shards": 1}
+
+
+def test_stats_files_lacking_a_count_add_nothing_for_it(tmp_path: Path) -> None:
+    # a stats file of an earlier surd may lack a key: it counts as 0, and the others still add up
+    root = tmp_path / "_stats"
+    root.mkdir()
+    (root / "a.json").write_text('{"kept": 2}')
+    (root / "b.json").write_text('{"in": 3, "seconds": 0.5}')
+    (root / "c.json").write_text('{"in": 1, "kept": 1, "seconds": 0.25, "dropped": {"odd": 1}}')
+    assert shards.stage_stats(tmp_path) == {"in": 4, "kept": 3, "dropped": {"odd": 1}, "seconds": 0.75, "shards": 3}
+
+
+def test_a_model_stage_pins_torchs_threads_and_a_parent_block_restores_them() -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    try:
+        assert executor.pin_threads(other) == before and torch.get_num_threads() == other
+        assert executor.pin_threads(None) is None and torch.get_num_threads() == other  # None: left alone
+        executor.pin_threads(before)
+        with executor.threads_pinned(other):
+            assert torch.get_num_threads() == other
+        assert torch.get_num_threads() == before
+        stage = Stage("nsfw", _Model(), threads=other)
+        assert stage.threads == other
+        stage.setup()  # what a worker does before its first batch
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Reports(RowProcessor):
+    """Reports `first` rows of every batch itself; the stage reports the rest when the batch returns."""
+
+    on_rows = None
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+        self.lent: list[bool] = []
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        self.lent.append(self.on_rows is not None)
+        for _ in range(self.first):
+            self.on_rows(1)
+        return rows
+
+
+def test_a_batch_reports_its_rows_once_as_they_finish() -> None:
+    calls: list[int] = []
+    processor = _Reports(first=2)
+    Stage("fetch", processor)(from_rows([{"id": str(i)} for i in range(5)]), calls.append)
+    assert calls == [1, 1, 3] and processor.lent == [True] and processor.on_rows is None
+    calls.clear()
+    every = _Reports(first=3)
+    Stage("fetch", every)(from_rows([{"id": str(i)} for i in range(3)]), calls.append)
+    assert calls == [1, 1, 1]  # all reported already: no trailing report of 0
+    Stage("fetch", _Reports(first=0))(from_rows([{"id": "a"}]))  # nobody listens: nothing lent, nothing fails
+
+
+def _watched() -> None:
+    executor._exit_with_parent()  # what every pool worker does first
+    time.sleep(60)
+
+
+def _orphaning(pipe: Any) -> None:
+    worker = multiprocessing.get_context("spawn").Process(target=_watched)
+    worker.start()
+    pipe.send(worker.pid)
+    os._exit(0)  # gone without a word to its child, as after a kill -9
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _finishing(pipe: Any) -> None:
+    executor._exit_with_parent()
+    pipe.send([(t.name, t.daemon) for t in threading.enumerate() if t is not threading.main_thread()])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_worker_exits_when_its_parent_is_gone() -> None:
+    executor._exit_with_parent()  # in a process without a multiprocessing parent: nothing to watch
+    context = multiprocessing.get_context("spawn")
+    # a worker whose parent lives on: the watch is a daemon thread that says what it is, and never holds up the
+    # worker's own exit (a pool joins its workers when it shuts down)
+    receive, send = context.Pipe(duplex=False)
+    worker = context.Process(target=_finishing, args=(send,))
+    worker.start()
+    try:
+        assert ("surd-parent-watch", True) in (receive.recv() if receive.poll(20) else [])
+        worker.join(20)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():  # a worker that would outlive the test
+            worker.kill()
+            worker.join()
+    # a worker whose parent is gone without a word: it exits by itself
+    receive, send = context.Pipe(duplex=False)
+    parent = context.Process(target=_orphaning, args=(send,))
+    parent.start()
+    pid = receive.recv()
+    parent.join()
+    try:
+        deadline = time.monotonic() + 20
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the worker outlived its parent"
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_discard_sets_aside_inside_the_run_folder_wherever_the_temp_folder_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # renaming is atomic only within one file system: the system temp folder may be on another (a tmpfs)
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a temp folder on another file system than the run folder")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(other))
+        (tmp_path / "clean" / "s").mkdir(parents=True)
+        (tmp_path / "clean" / "s" / "x.parquet").write_bytes(b"x")
+        discard(tmp_path, tmp_path / "clean")
+        assert list(tmp_path.iterdir()) == [] and list(other.iterdir()) == []
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
