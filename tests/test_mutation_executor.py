@@ -3,6 +3,7 @@ discarding folders, the rebuild notice, a worker's side of the pool (called here
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -474,3 +475,86 @@ def test_discard_sets_aside_inside_the_run_folder_wherever_the_temp_folder_is(
         assert list(tmp_path.iterdir()) == [] and list(other.iterdir()) == []
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+class _Sized(_Rows):
+    """Shards of 3 and 4 rows, each reported by its run."""
+
+    label = "sized"
+
+    def size(self, rel: str) -> int:
+        return 3 if rel == "a" else 4
+
+
+def test_run_job_lends_row_reports_by_default_and_can_be_quiet(capsys: pytest.CaptureFixture[str]) -> None:
+    job = _Sized()
+    run_job(job, progress=False)  # by rows: each run hears of its rows (an on_rows to call)
+    assert capsys.readouterr().err == ""  # no progress asked: no line
+    run_job(_Sized())
+    assert _last_line(capsys).startswith("[surd] sized: 7/7 rows (100%)")
+
+
+class _Threads(Job):
+    """A job computing with 1 torch thread where the process had another count."""
+
+    todo = ["a"]
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.seen: list[int] = []
+
+    def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
+        import torch
+
+        self.seen.append(torch.get_num_threads())
+        return {}
+
+
+def test_a_serial_run_pins_the_jobs_threads_and_restores_them() -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    job = _Threads(1 if before != 1 else 2)
+    try:
+        run_job(job, progress=False)
+        assert job.seen == [job.threads] and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+_MARK: list[str] = []  # set in the test process only: a forked worker inherits it, a spawned one starts without
+
+
+class _Where(Job):
+    """Each shard notes the process that ran it and its `_MARK`; it waits (20 s at most) until `meet` shards run."""
+
+    label = "where"
+
+    def __init__(self, out: Path, todo: list[str], meet: int = 1) -> None:
+        self.out, self.todo, self.meet = out, todo, meet
+
+    def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
+        (self.out / f"{rel}.{os.getpid()}").write_text(json.dumps(_MARK))
+        deadline = time.monotonic() + 20
+        while len(list(self.out.iterdir())) < self.meet and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return {}
+
+
+def _ran(out: Path) -> dict[str, tuple[int, list[str]]]:
+    return {p.name.split(".")[0]: (int(p.name.split(".")[1]), json.loads(p.read_text())) for p in out.iterdir()}
+
+
+def test_run_job_spawns_as_many_workers_as_asked_only_for_two_shards_or_more(tmp_path: Path) -> None:
+    _MARK.append("parent")
+    try:
+        for name, todo, workers in (("one", ["a"], 2), ("two", ["a", "b"], 2), ("three", ["a", "b", "c"], 3)):
+            (tmp_path / name).mkdir()
+            run_job(_Where(tmp_path / name, todo, meet=len(todo)), workers=workers, progress=False, unit="shards")
+        one, two, three = (_ran(tmp_path / n) for n in ("one", "two", "three"))
+    finally:
+        _MARK.clear()
+    assert one == {"a": (os.getpid(), ["parent"])}  # one shard: no pool, this process
+    # two shards, two workers: both at once, each in a fresh spawned process (nothing inherited from this one)
+    assert len({pid for pid, _ in two.values()}) == 2 and os.getpid() not in {pid for pid, _ in two.values()}
+    assert [mark for _, mark in two.values()] == [[], []]
+    assert len({pid for pid, _ in three.values()}) == 3  # three workers, whatever the number of cores
