@@ -532,6 +532,9 @@ class _Where(Job):
     def __init__(self, out: Path, todo: list[str], meet: int = 1) -> None:
         self.out, self.todo, self.meet = out, todo, meet
 
+    def size(self, rel: str) -> int:
+        return {"a": 2, "b": 3, "c": 4}[rel]
+
     def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
         (self.out / f"{rel}.{os.getpid()}").write_text(json.dumps(_MARK))
         deadline = time.monotonic() + 20
@@ -544,12 +547,15 @@ def _ran(out: Path) -> dict[str, tuple[int, list[str]]]:
     return {p.name.split(".")[0]: (int(p.name.split(".")[1]), json.loads(p.read_text())) for p in out.iterdir()}
 
 
-def test_run_job_spawns_as_many_workers_as_asked_only_for_two_shards_or_more(tmp_path: Path) -> None:
+def test_run_job_spawns_as_many_workers_as_asked_only_for_two_shards_or_more(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _MARK.append("parent")
     try:
         for name, todo, workers in (("one", ["a"], 2), ("two", ["a", "b"], 2), ("three", ["a", "b", "c"], 3)):
             (tmp_path / name).mkdir()
-            run_job(_Where(tmp_path / name, todo, meet=len(todo)), workers=workers, progress=False, unit="shards")
+            run_job(_Where(tmp_path / name, todo, meet=len(todo)), workers=workers, unit="images")
+            if name == "two":  # counted in the parent as each shard's future finishes, by the shard's size
+                assert _last_line(capsys).startswith("[surd] where: 5/5 images (100%)")
         one, two, three = (_ran(tmp_path / n) for n in ("one", "two", "three"))
     finally:
         _MARK.clear()
@@ -558,3 +564,38 @@ def test_run_job_spawns_as_many_workers_as_asked_only_for_two_shards_or_more(tmp
     assert len({pid for pid, _ in two.values()}) == 2 and os.getpid() not in {pid for pid, _ in two.values()}
     assert [mark for _, mark in two.values()] == [[], []]
     assert len({pid for pid, _ in three.values()}) == 3  # three workers, whatever the number of cores
+
+
+class _Held(Job):
+    """Two shards of 2 rows, each reported at once; neither finishes before `out/go` exists (20 s at most)."""
+
+    label = "held"
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.todo = out, ["a", "b"]
+
+    def size(self, rel: str) -> int:
+        return 2
+
+    def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
+        on_rows(2)
+        deadline = time.monotonic() + 20
+        while not (self.out / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return {}
+
+
+def test_a_pool_shows_rows_while_its_shards_still_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SURD_PROGRESS_EVERY", "0.05")  # a progress line every 0.05 s (stderr is no terminal here)
+    runner = threading.Thread(target=run_job, args=(_Held(tmp_path),), kwargs={"workers": 2})
+    runner.start()
+    seen, deadline = "", time.monotonic() + 20
+    try:
+        while "held: 4/4 rows" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += capsys.readouterr().err
+    finally:
+        (tmp_path / "go").touch()
+        runner.join()
+    assert "held: 4/4 rows" in seen  # seen before any shard finished: the workers' rows, not finished shards
