@@ -437,8 +437,8 @@ def test_a_worker_exits_when_its_parent_is_gone() -> None:
     worker = context.Process(target=_finishing, args=(send,))
     worker.start()
     try:
-        assert ("surd-parent-watch", True) in (receive.recv() if receive.poll(20) else [])
-        worker.join(20)
+        assert ("surd-parent-watch", True) in (receive.recv() if receive.poll(120) else [])
+        worker.join(120)
         assert worker.exitcode == 0
     finally:
         if worker.is_alive():  # a worker that would outlive the test
@@ -451,7 +451,7 @@ def test_a_worker_exits_when_its_parent_is_gone() -> None:
     pid = receive.recv()
     parent.join()
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # generous: under load (mutation testing) a spawn can take many seconds
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(pid), "the worker outlived its parent"
@@ -525,7 +525,7 @@ _MARK: list[str] = []  # set in the test process only: a forked worker inherits 
 
 
 class _Where(Job):
-    """Each shard notes the process that ran it and its `_MARK`; it waits (20 s at most) until `meet` shards run."""
+    """Each shard notes the process that ran it and its `_MARK`; it waits (2 min at most) until `meet` shards run."""
 
     label = "where"
 
@@ -537,7 +537,7 @@ class _Where(Job):
 
     def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
         (self.out / f"{rel}.{os.getpid()}").write_text(json.dumps(_MARK))
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while len(list(self.out.iterdir())) < self.meet and time.monotonic() < deadline:
             time.sleep(0.02)
         return {}
@@ -567,7 +567,7 @@ def test_run_job_spawns_as_many_workers_as_asked_only_for_two_shards_or_more(
 
 
 class _Held(Job):
-    """Two shards of 2 rows, each reported at once; neither finishes before `out/go` exists (20 s at most)."""
+    """Two shards of 2 rows, each reported at once; neither finishes before `out/go` exists (2 minutes at most)."""
 
     label = "held"
 
@@ -579,7 +579,7 @@ class _Held(Job):
 
     def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
         on_rows(2)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while not (self.out / "go").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         return {}
@@ -590,7 +590,7 @@ def test_a_pool_shows_rows_while_its_shards_still_run(
     monkeypatch.setenv("SURD_PROGRESS_EVERY", "0.05")  # a progress line every 0.05 s (stderr is no terminal here)
     runner = threading.Thread(target=run_job, args=(_Held(tmp_path),), kwargs={"workers": 2})
     runner.start()
-    seen, deadline = "", time.monotonic() + 20
+    seen, deadline = "", time.monotonic() + 120
     try:
         while "held: 4/4 rows" not in seen and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -175,10 +175,11 @@ def test_an_alpha_band_survives_reencoding() -> None:
 
 def test_close_stops_the_download_thread() -> None:
     fetcher = FetchConfig().build()
+    before = set(threading.enumerate())  # (an earlier test's closed fetcher may still be ending its thread)
     loop = fetcher._event_loop()
     assert fetcher._event_loop() is loop  # one loop for every batch
     # a daemon thread that says what it is (it never holds up the interpreter's exit)
-    [thread] = [t for t in threading.enumerate() if t.name == "surd-fetch" and t.is_alive()]
+    [thread] = [t for t in threading.enumerate() if t.name == "surd-fetch" and t.is_alive() and t not in before]
     assert thread.daemon
     deadline = time.monotonic() + 5
     while not loop.is_running() and time.monotonic() < deadline:
