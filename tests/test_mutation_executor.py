@@ -34,7 +34,7 @@ from pipelines.executor import (
 )
 from surd import layout, shards
 from surd.errors import StageError
-from surd.rows import RowProcessor, StageConfig
+from surd.rows import Drop, RowProcessor, StageConfig
 from surd.schema import DROPPED_SCHEMA, from_rows
 
 
@@ -599,3 +599,48 @@ def test_a_pool_shows_rows_while_its_shards_still_run(
         (tmp_path / "go").touch()
         runner.join()
     assert "held: 4/4 rows" in seen  # seen before any shard finished: the workers' rows, not finished shards
+
+
+class _Plans(_Model):
+    """A model stage that plans over `sha256` and `id`, noting what its plan was given and with how many threads."""
+
+    plan_columns = ("sha256", "id")
+
+    def plan(self, index: Any) -> None:
+        import torch
+
+        self.threads_seen = torch.get_num_threads()
+        self.table = isinstance(index, pa.Table)
+        batches = [index] if self.table else list(index)
+        self.names = [b.schema.names for b in batches]
+        self.ids = [i for b in batches for i in b.column("id").to_pylist()]
+
+    def process_batch(self, rows: list[dict]) -> list[dict | Drop]:
+        return [Drop("odd", r["id"]) if r["id"].endswith(("1", "3")) else r for r in rows]
+
+
+class _StreamPlans(_Plans):
+    plan_streaming = True
+
+
+def test_open_stage_builds_the_named_stage_and_plans_over_its_columns_with_its_threads(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    _finished(tmp_path, "s/part-00000", "s/part-00001")
+    before = torch.get_num_threads()
+    threads = 2 if before != 2 else 3
+    ids = [f"s/part-0000{s}-{k}" for s in range(2) for k in range(4)]
+    try:
+        for processor in (_Plans(), _StreamPlans()):
+            job = open_stage(tmp_path, "clean", _EveryConfig(num_cpus=threads), processor=processor)
+            # a model stage computes with its num_cpus threads, its plan too, and the count is restored after
+            assert job.threads == job.stage.threads == threads and processor.threads_seen == threads
+            assert torch.get_num_threads() == before
+            assert processor.ids == ids and processor.names and all(n == ["sha256", "id"] for n in processor.names)
+            assert processor.table is not isinstance(processor, _StreamPlans)  # streamed: batches, not one table
+        run_job(job, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    kept = shards.read_stage_table(job.out, columns=["id"])
+    records = [r for b in shards.read_dropped(job.out, columns=["id", "drop_stage"]) for r in b.to_pylist()]
+    assert len(records) == 4 and {r["drop_stage"] for r in records} == {"clean"}  # drops name the stage
+    assert kept.num_rows == 4
