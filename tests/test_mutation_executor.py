@@ -3,6 +3,7 @@ discarding folders, the rebuild notice, a worker's side of the pool (called here
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
 import os
@@ -12,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -644,3 +645,20 @@ def test_open_stage_builds_the_named_stage_and_plans_over_its_columns_with_its_t
     records = [r for b in shards.read_dropped(job.out, columns=["id", "drop_stage"]) for r in b.to_pylist()]
     assert len(records) == 4 and {r["drop_stage"] for r in records} == {"clean"}  # drops name the stage
     assert kept.num_rows == 4
+
+
+class _Shaped(StageConfig):
+    sizes: tuple[int, ...] = (256, 512)
+    mode: Literal["fast", "exact"] = "exact"
+    kinds: frozenset[str] = frozenset({"png"})
+    since: datetime.date = datetime.date(2026, 1, 2)
+
+
+def test_settings_are_recorded_as_json_so_a_record_read_back_matches(tmp_path: Path) -> None:
+    # dumped as Python, a set or a date would not even write as JSON, and what is read back must equal what is asked
+    # (or the stage is rebuilt on every run)
+    settings = fingerprint.settings_of("clean", _Shaped(), tmp_path)
+    assert settings == {"sizes": [256, 512], "mode": "exact", "kinds": ["png"], "since": "2026-01-02"}
+    record = fingerprint.record("clean", settings, {"stage": "collect"})
+    fingerprint.write(tmp_path, record)
+    assert fingerprint.difference(fingerprint.read(tmp_path), record) is None
