@@ -532,12 +532,15 @@ class _Where(Job):
 
     def __init__(self, out: Path, todo: list[str], meet: int = 1) -> None:
         self.out, self.todo, self.meet = out, todo, meet
+        self.parent = os.getpid()
 
     def size(self, rel: str) -> int:
         return {"a": 2, "b": 3, "c": 4}[rel]
 
     def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
         (self.out / f"{rel}.{os.getpid()}").write_text(json.dumps(_MARK))
+        if os.getpid() == self.parent:
+            return {}  # run serially: no other shard can be running
         deadline = time.monotonic() + 120
         while len(list(self.out.iterdir())) < self.meet and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -580,6 +583,7 @@ class _Held(Job):
 
     def run(self, rel: str, on_rows: Any = None) -> dict[str, Any]:
         on_rows(2)
+        (self.out / f"started-{rel}").touch()
         deadline = time.monotonic() + 120
         while not (self.out / "go").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -591,9 +595,11 @@ def test_a_pool_shows_rows_while_its_shards_still_run(
     monkeypatch.setenv("SURD_PROGRESS_EVERY", "0.05")  # a progress line every 0.05 s (stderr is no terminal here)
     runner = threading.Thread(target=run_job, args=(_Held(tmp_path),), kwargs={"workers": 2})
     runner.start()
-    seen, deadline = "", time.monotonic() + 120
+    seen, deadline = "", time.monotonic() + 120  # generous: under load a spawn can take many seconds
     try:
         while "held: 4/4 rows" not in seen and time.monotonic() < deadline:
+            if len(list(tmp_path.glob("started-*"))) == 2:  # both shards running: the bar has 10 s to hear of them
+                deadline = min(deadline, time.monotonic() + 10)
             time.sleep(0.05)
             seen += capsys.readouterr().err
     finally:
