@@ -9,9 +9,9 @@ step (their presets' batch sizes), the frozen base UNet's forward + backward at 
 `surd train` step costs at least, before the adapter itself), one sampling step of a CFG batch of 64 images, the
 `llm` step (the packaged SmolLM2's GGUF saved as a transformers folder), the teacher's load from that folder and
 its cost per distinct narrative, and beside it the baseline: a teacher load straight from the package's GGUF
-file (what every load cost before the `llm` step). Not measured (left out of the estimate, so it is a lower bound): imports, the
-world and dataset build, the judge's checks, the eval's SmolLM2 loads and the LLM expansions of the eval prompts
-(greedy generation), and the adapters' own layers.
+file (what every load cost before the `llm` step). Not measured (left out of the estimate, so it is a lower
+bound): imports, the world and dataset build, the judge's checks, the eval's SmolLM2 loads and the LLM
+expansions of the eval prompts (greedy generation), and the adapters' own layers.
 """
 # run_all: skip (a preset's time budget for docs/experiment.md; minutes of SmolLM2 loads)
 
