@@ -180,7 +180,8 @@ def table(rows: dict[str, dict], timings: dict[str, dict], note: str) -> str:
         if not s["mutants"]:  # the group has not run yet: say so rather than show a score
             lines.append(f"| {group} | `{module}` | not run yet | | | | | |")
             continue
-        lines.append(f"| {group} | `{module}` | {s['mutants']} | {s['killed']} | {s['equivalent']} | "
+        unchecked = f" (+{s['not_checked']} not checked)" if s.get("not_checked") else ""
+        lines.append(f"| {group} | `{module}` | {s['mutants']}{unchecked} | {s['killed']} | {s['equivalent']} | "
                      f"{len(s['survivors'])} ({s['no_tests']}) | {s['killed_pct']} | {s['score_pct']} |")
     lines += ["", "| group | wall time (s) | mutmut workers | load average at its end |", "|---|---:|---:|---:|"]
     lines += [f"| {g} | {t['wall_s']} | {t['children']} | {t['load']} |" for g, t in timings.items()]
