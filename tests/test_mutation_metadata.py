@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from test_metadata import COMFY_WORKFLOW, POSITIVE, png
-from test_metadata_formats import graph
+from test_metadata_formats import graph, stealth_png
+from test_metadata_formats import png as png_of
 
 from surd.sources.bounds import MAX_TEXT_BYTES, OverBound
 from surd.sources.infotext import normalise_meta, parse_infotext, parse_prompt_text, parse_settings, parse_size
@@ -44,9 +45,9 @@ def exif_image(fmt: str, *, user_comment: bytes | None = None, tags: dict[int, s
 
 
 def test_settings_line_keeps_escaped_quotes_and_backslashes_inside_quoted_values():
-    line = (r'Steps: 20, Note: "say \"hi, there\"", Path: "C:\\sd\\", Wrap: "one\ntwo, three", Sampler: Euler, '
+    line = (r'Steps: 20, Note: "say \"hi, Seed: 5\"", Path: "C:\\sd\\", Wrap: "one\ntwo, three", Sampler: Euler, '
             r'Seed: 1')
-    assert parse_settings(line) == {"Steps": "20", "Note": 'say "hi, there"', "Path": "C:\\sd\\",
+    assert parse_settings(line) == {"Steps": "20", "Note": 'say "hi, Seed: 5"', "Path": "C:\\sd\\",
                                     "Wrap": "one\ntwo, three", "Sampler": "Euler", "Seed": "1"}
 
 
@@ -126,7 +127,7 @@ def test_comments_without_settings_read_only_when_asked():
     for refused in (examine(data), [read_image(data)]):  # the default does not
         [found] = refused
         assert (found.reason, found.origin, found.reader) == ("no_prompt", "png:Comment", "comment")
-        assert "set bare_comments" in found.detail
+        assert found.detail.endswith("); set bare_comments to read comments as prompts")
     assert read_image(data, bare_comments=True).reader == "comment"
     assert examine(png({"Description": FOX}), bare_comments=True)[0].origin == "png:Description"
 
@@ -160,7 +161,10 @@ def test_json_in_no_known_layout_names_the_chunk_it_came_from():
         assert found.detail.startswith(f"{origin}: JSON in no known layout"), found.detail
     [found] = examine(png({"Comment": '["a", "b"]', "Software": "NovelAI"}))
     assert (found.reason, found.origin) == ("unknown_metadata_format", "png:Comment")
-    assert found.detail.startswith("png:Comment: JSON in no known layout")
+    assert found.detail.startswith("png:Comment: JSON in no known layout") and found.detail.endswith("keys: list)")
+    [found] = examine(png({"Comment": "[" * 100 + "]" * 100}))
+    assert (found.reason, found.origin) == ("json_too_deep", "png")
+    assert found.detail.startswith("png:Comment: JSON nested deeper")
 
 
 def test_json_chunks_that_are_not_json_or_too_deep():
@@ -299,11 +303,12 @@ def test_a_known_chunk_over_the_bound_is_named_and_an_unknown_one_is_ignored():
     assert examine(png({"my-notes": big, "parameters": f"{FOX}\n{SETTINGS}"}))[0].prompt == FOX
 
 
-def test_a_png_exif_chunk_over_the_bound_is_named():
+@pytest.mark.parametrize(("fmt", "origin"), [("PNG", "png:eXIf"), ("WEBP", "webp:EXIF")])
+def test_an_exif_chunk_over_the_bound_is_named(fmt, origin):
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(buf, "PNG", exif=b"Exif\0\0" + b"\0" * (MAX_TEXT_BYTES + 1))
+    Image.new("RGB", (16, 16)).save(buf, fmt, exif=b"Exif\0\0" + b"\0" * (MAX_TEXT_BYTES + 1))
     [found] = examine(buf.getvalue())
-    assert (found.reason, found.origin) == ("metadata_too_large", "png:eXIf")
+    assert (found.reason, found.origin) == ("metadata_too_large", origin)
 
 
 # ---- sidecars and JSON objects ----------------------------------------------------------------------------------
@@ -337,3 +342,10 @@ def test_parse_prompt_json():
     expected = PromptInfo(FOX, "blurry", {"source_meta": {}}, "", "json")
     assert parse_prompt_json({"prompt": FOX, "negative_prompt": "blurry"}) == expected
     assert parse_prompt_json({"foo": 1}) is None
+
+
+def test_stealth_metadata_is_read_first_when_no_chunk_gives_a_prompt():
+    hidden = Image.open(io.BytesIO(stealth_png(f"a koi pond\n{SETTINGS}")))
+    readings = examine(png_of({"Comment": "re-saved in GIMP"}, image=hidden))
+    assert [(type(r), r.origin) for r in readings] == [(PromptInfo, "png:stealth"), (NoPrompt, "png:Comment")]
+    assert readings[0].prompt == "a koi pond"
