@@ -349,3 +349,13 @@ def test_stealth_metadata_is_read_first_when_no_chunk_gives_a_prompt():
     readings = examine(png_of({"Comment": "re-saved in GIMP"}, image=hidden))
     assert [(type(r), r.origin) for r in readings] == [(PromptInfo, "png:stealth"), (NoPrompt, "png:Comment")]
     assert readings[0].prompt == "a koi pond"
+
+
+def test_a_comment_in_braces_that_is_not_json_is_read_as_text():
+    """NovelAI-style emphasis (`{masterpiece}`) makes a plain comment look like JSON; when it does not parse, it is
+    the prompt in words (it was answered "JSON in no known layout (keys: NoneType)" and the prompt lost)."""
+    text = "{masterpiece}, a red fox in the snow, {blue sky}"
+    assert examine(png({"Comment": text}), bare_comments=True) == [
+        PromptInfo(text, None, {}, "png:Comment", "comment")]
+    [refused] = examine(png({"Comment": text}))
+    assert (refused.reason, refused.origin) == ("no_prompt", "png:Comment")

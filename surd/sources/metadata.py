@@ -162,11 +162,12 @@ def _png_comment(texts: dict[str, str], bare_comments: bool) -> list[Reading | N
         try:
             doc = load_json(comment, "png:Comment")
         except NotJson:
-            doc = None
+            doc = None  # braces around plain words (`{masterpiece}, a fox, {blue sky}`): read below as text
         if isinstance(doc, dict) and (str(texts.get("Software", "")).startswith("NovelAI") or "uc" in doc):
             found = layouts._novelai(doc, texts.get("Description"), texts.get("Source"))
             return [relabel(found, "png:Comment")]
-        return [relabel(layouts.read_document(doc, "png:Comment"), "png:Comment")]
+        if doc is not None:
+            return [relabel(layouts.read_document(doc, "png:Comment"), "png:Comment")]
     return [_text(texts[key], f"png:{key}", bare_comments=bare_comments)
             for key in ("Comment", "Description") if texts.get(key, "").strip()]
 
