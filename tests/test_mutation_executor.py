@@ -668,3 +668,12 @@ def test_settings_are_recorded_as_json_so_a_record_read_back_matches(tmp_path: P
     record = fingerprint.record("clean", settings, {"stage": "collect"})
     fingerprint.write(tmp_path, record)
     assert fingerprint.difference(fingerprint.read(tmp_path), record) is None
+
+
+def test_a_stage_streams_in_batches_of_at_most_1024_rows(tmp_path: Path) -> None:
+    # the default batch is what bounds a streamed stage's memory: 2,049 rows come as 1,024 + 1,024 + 1
+    stage = tmp_path / "clean"
+    commit(stage, "s/part-00000", from_rows([{"id": str(i)} for i in range(2049)]), shards.empty_dropped(), 2049, 0.1)
+    assert [len(b) for b in shards.read_stage(stage, columns=["id"])] == [1024, 1024, 1]
+    # and the default is observable: another batch size does not split the same shard so
+    assert [len(b) for b in shards.read_stage(stage, columns=["id"], batch_size=1025)] != [1024, 1024, 1]
