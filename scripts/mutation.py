@@ -123,7 +123,10 @@ def run_group(name: str, group: dict, children: int, fresh: bool) -> dict:
     if digest_file.exists() and digest_file.read_text() != digest:
         retest_survivors(work, group)
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + mutmut_config(group))
-    env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    # One OpenMP thread: mutmut forks a child per mutant from a process whose tests already started torch's thread
+    # pool, and a forked child's first parallel op then hangs until mutmut's timeout (counted as a kill).
+    env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = work / "mutmut.log"
     started = time.monotonic()
     with open(log, "w") as out:
