@@ -184,13 +184,13 @@ def _polling(counter: Any, bar: Any, every: float = 0.25) -> Iterator[None]:
     thread = threading.Thread(target=poll, name="surd-ray-rows", daemon=True)
     thread.start()
     try:
-        yield
-        stop.set()
-        thread.join()
-        catch_up()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        catch_up()  # only after a block that finished: a failed stage's bar stays where it was
     finally:
-        stop.set()
-        thread.join()
         ray.kill(counter)
 
 

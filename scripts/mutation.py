@@ -183,7 +183,7 @@ def table(rows: dict[str, dict], timings: dict[str, dict], note: str) -> str:
         if not s["mutants"]:  # the group has not run yet: say so rather than show a score
             lines.append(f"| {group} | `{module}` | not run yet | | | | | |")
             continue
-        unchecked = f" (+{s['not_checked']} not checked)" if s.get("not_checked") else ""
+        unchecked = f" (+{s['not_checked']} not checked)" if s["not_checked"] else ""
         lines.append(f"| {group} | `{module}` | {s['mutants']}{unchecked} | {s['killed']} | {s['equivalent']} | "
                      f"{len(s['survivors'])} ({s['no_tests']}) | {s['killed_pct']} | {s['score_pct']} |")
     lines += ["", "| group | wall time (s) | mutmut workers | load average at its end |", "|---|---:|---:|---:|"]
